@@ -31,6 +31,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from mbf_analysis.errors import UnsupportedModuleError
+
 __all__ = [
     "BlockGroup",
     "LayerLayout",
@@ -51,10 +53,6 @@ _DIAGONAL_TYPES: tuple[type[nn.Module], ...] = (
 )
 SUPPORTED_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, *_DIAGONAL_TYPES)
 """Modules with parameters that have a mini-block layout."""
-
-
-class UnsupportedModuleError(TypeError):
-    """A module with parameters has no mini-block layout."""
 
 
 @dataclass(frozen=True)
