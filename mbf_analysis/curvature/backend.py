@@ -100,7 +100,7 @@ def check_model(model: nn.Module) -> dict[str, LayerLayout]:
                 "model.eval() before extracting curvature."
             )
     layouts = model_layouts(model)
-    for name, layout in layouts.items():
+    for name in layouts:
         module = model.get_submodule(name)
         if not isinstance(module, PER_SAMPLE_MODULES):
             supported = ", ".join(t.__name__ for t in PER_SAMPLE_MODULES)

@@ -7,13 +7,13 @@ Every Fisher this module computes is written as an average of outer products of 
 
     F_l = \frac{1}{m} \sum_{n=1}^{m} \sum_{r \in R_n} r_l r_l^\top,
 
-=============  ==========================================  =======================================
-``kind``       rows ``R_n`` of sample ``n``                what ``F`` is
-=============  ==========================================  =======================================
-``empirical``  ``g_n = ∇ℓ_n`` (1 row)                      empirical Fisher ``F̃``
-``exact``      ``J_nᵀ s_nc``, ``S_n S_nᵀ = H_n`` (C rows)  true Fisher = GGN ``(1/m) Σ J_nᵀ H_n J_n``
-``mc``         ``ĝ_nk / √M``, ``ŷ_nk ~ p(·|x_n)`` (M rows)  Monte-Carlo true Fisher
-=============  ==========================================  =======================================
+=============  ============================================  ======================================
+``kind``       rows ``R_n`` of sample ``n``                  what ``F`` is
+=============  ============================================  ======================================
+``empirical``  ``g_n = ∇ℓ_n`` (1 row)                        empirical Fisher ``F̃``
+``exact``      ``J_nᵀ s_nc``, ``S_n S_nᵀ = H_n`` (C rows)    true Fisher = GGN ``(1/m)ΣJ_nᵀH_nJ_n``
+``mc``         ``ĝ_nk / √M``, ``ŷ_nk ~ p(·|x_n)`` (M rows)   Monte-Carlo true Fisher
+=============  ============================================  ======================================
 
 ``r_l`` is the part of a row belonging to layer ``l``, in the mini-block order of
 :mod:`mbf_analysis.layout`. Rows are produced in chunks of samples, so the batch size is limited by
@@ -235,7 +235,8 @@ def fisher_rows(
             where = f" (samples {start}..{stop - 1})"
             outputs = model(inputs[start:stop])
             if kind == "empirical":
-                grads = backward_with("batch_grad", model, loss_module(outputs, targets[start:stop]))
+                loss = loss_module(outputs, targets[start:stop])
+                grads = backward_with("batch_grad", model, loss)
                 check_finite(grads, "the per-sample gradient", where)
                 factors = {k: v.unsqueeze(0) for k, v in grads.items()}
                 scale = likelihood.grad_scale

@@ -5,13 +5,13 @@ the model's predictive distribution, and every quantity the toolkit reports uses
 per-sample gradient ``g_n = ∇ℓ_n`` and the minibatch mean ``L = (1/m) Σ_n ℓ_n``. The loss module a
 user passes only selects the likelihood; its ``reduction`` is ignored.
 
-====================  =================================  ===========================  ============
-loss module           ``ℓ_n(f, y)``                       predictive ``p(ŷ | f)``      ``H_n``
-====================  =================================  ===========================  ============
-CrossEntropyLoss      ``-log softmax(f)_y``               ``Categorical(softmax f)``   ``diag(p) - ppᵀ``
-MSELoss               ``½ ‖f - y‖²`` **(choice)**         ``N(f, I)``                  ``I``
-BCEWithLogitsLoss     ``Σ_c BCE(f_c, y_c)``               ``Bernoulli(σ(f_c))``        ``diag(σ(1-σ))``
-====================  =================================  ===========================  ============
+=================  ===========================  =========================  ================
+loss module        ``ℓ_n(f, y)``                predictive ``p(ŷ | f)``    ``H_n``
+=================  ===========================  =========================  ================
+CrossEntropyLoss   ``-log softmax(f)_y``        ``Categorical(softmax f)`` ``diag(p) - ppᵀ``
+MSELoss            ``½ ‖f - y‖²`` **(choice)**  ``N(f, I)``                ``I``
+BCEWithLogitsLoss  ``Σ_c BCE(f_c, y_c)``        ``Bernoulli(σ(f_c))``      ``diag(σ(1-σ))``
+=================  ===========================  =========================  ================
 
 BackPACK is always driven with ``reduction="sum"``, so its ``grad_batch`` is ``g_n`` up to
 :attr:`Likelihood.grad_scale` (½ for MSE, whose summed loss is ``Σ ‖f - y‖²``) and its square-root
