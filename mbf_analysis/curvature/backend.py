@@ -185,9 +185,15 @@ def backward_with(
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     for p in params.values():
         p.grad = None
-    with warnings.catch_warnings(), backpack(ext, retain_graph=retain_graph):
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        loss.backward(retain_graph=retain_graph)
+    previous_dtype = torch.get_default_dtype()
+    # BackPACK's pooling derivatives build helper modules in the default dtype.
+    torch.set_default_dtype(loss.dtype)
+    try:
+        with warnings.catch_warnings(), backpack(ext, retain_graph=retain_graph):
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss.backward(retain_graph=retain_graph)
+    finally:
+        torch.set_default_dtype(previous_dtype)
     out = {}
     for name, p in params.items():
         value = getattr(p, field, None)
