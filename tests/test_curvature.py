@@ -257,7 +257,9 @@ def test_exact_fisher_on_residual_network_uses_output_hessian_path():
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-10, atol=1e-12)
     with pytest.raises(UnsupportedModuleError, match="output_hessian"):
-        next(fisher_rows(model, nn.CrossEntropyLoss(), x, y, kind="exact", exact_backend="backpack"))
+        next(
+            fisher_rows(model, nn.CrossEntropyLoss(), x, y, kind="exact", exact_backend="backpack")
+        )
 
 
 @pytest.mark.parametrize("kind", ["empirical", "exact", "mc"])
@@ -265,12 +267,23 @@ def test_exact_fisher_on_residual_network_uses_output_hessian_path():
 def test_miniblocks_are_the_diagonal_blocks_of_the_layer_fisher(case, kind):
     model, x, y = _problem(case, "cross_entropy")
     dense = layer_fisher(
-        model, nn.CrossEntropyLoss(), x, y, kind=kind, mc_samples=3,
+        model,
+        nn.CrossEntropyLoss(),
+        x,
+        y,
+        kind=kind,
+        mc_samples=3,
         generator=torch.Generator().manual_seed(1),
     )
     blocks = miniblock_fisher(
-        model, nn.CrossEntropyLoss(), x, y, kind=kind, mc_samples=3,
-        generator=torch.Generator().manual_seed(1), chunk_size=2,
+        model,
+        nn.CrossEntropyLoss(),
+        x,
+        y,
+        kind=kind,
+        mc_samples=3,
+        generator=torch.Generator().manual_seed(1),
+        chunk_size=2,
     )
     layouts = model_layouts(model)
     expected_keys = [g.key for layout in layouts.values() for g in layout.groups]
@@ -310,10 +323,18 @@ def test_mc_fisher_is_the_empirical_fisher_of_sampled_labels():
 def test_mc_fisher_is_reproducible_and_independent_of_chunking():
     model, x, y = _problem("mlp", "bce")
     kwargs = dict(kind="mc", mc_samples=4)
-    a = layer_fisher(model, nn.BCEWithLogitsLoss(), x, y, generator=torch.Generator().manual_seed(3),
-                     chunk_size=1, **kwargs)
-    b = layer_fisher(model, nn.BCEWithLogitsLoss(), x, y, generator=torch.Generator().manual_seed(3),
-                     **kwargs)
+    a = layer_fisher(
+        model,
+        nn.BCEWithLogitsLoss(),
+        x,
+        y,
+        generator=torch.Generator().manual_seed(3),
+        chunk_size=1,
+        **kwargs,
+    )
+    b = layer_fisher(
+        model, nn.BCEWithLogitsLoss(), x, y, generator=torch.Generator().manual_seed(3), **kwargs
+    )
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-12, atol=1e-14)
 
@@ -331,8 +352,15 @@ def test_mc_fisher_approaches_exact_fisher(loss_kind):
     exact = layer_fisher(model, _loss_module(loss_kind), x, y, kind="exact")
 
     def rel_error(m):
-        mc = layer_fisher(model, _loss_module(loss_kind), x, y, kind="mc", mc_samples=m,
-                          generator=torch.Generator().manual_seed(0))
+        mc = layer_fisher(
+            model,
+            _loss_module(loss_kind),
+            x,
+            y,
+            kind="mc",
+            mc_samples=m,
+            generator=torch.Generator().manual_seed(0),
+        )
         num = sum(torch.linalg.norm(mc[k] - exact[k]) ** 2 for k in exact)
         return float(num.sqrt() / sum(torch.linalg.norm(exact[k]) ** 2 for k in exact).sqrt())
 

@@ -67,7 +67,9 @@ def test_conv_order_is_kernel_major_then_bias(c_in, c_out, k_h, k_w, groups, bia
     assert flat.tolist() == expected
     kernels = layout.blocks(flat)["conv.weight"]
     assert kernels.shape == (c_out * groups * c_in, k_h * k_w)
-    assert torch.equal(kernels[1 % kernels.shape[0]], weight.flatten(0, 1)[1 % kernels.shape[0]].flatten())
+    assert torch.equal(
+        kernels[1 % kernels.shape[0]], weight.flatten(0, 1)[1 % kernels.shape[0]].flatten()
+    )
     sizes = [k_h * k_w] * (c_out * groups * c_in) + [1] * (c_out * groups if bias else 0)
     assert layout.block_sizes == sizes
     assert layout.dim == sum(sizes)

@@ -318,8 +318,16 @@ def layer_fisher(
         for name, layout in layouts.items()
     }
     rows_iter = fisher_rows(
-        model, loss_fn, inputs, targets, kind=kind, mc_samples=mc_samples, generator=generator,
-        layers=list(layouts), chunk_size=chunk_size, memory_budget=budget // 2,
+        model,
+        loss_fn,
+        inputs,
+        targets,
+        kind=kind,
+        mc_samples=mc_samples,
+        generator=generator,
+        layers=list(layouts),
+        chunk_size=chunk_size,
+        memory_budget=budget // 2,
     )
     for rows in rows_iter:
         for name, r in rows.items():
@@ -354,8 +362,16 @@ def miniblock_fisher(
     device, dtype = _model_device_dtype(model)
     out: dict[str, Tensor] = {}
     rows_iter = fisher_rows(
-        model, loss_fn, inputs, targets, kind=kind, mc_samples=mc_samples, generator=generator,
-        layers=list(layouts), chunk_size=chunk_size, memory_budget=memory_budget,
+        model,
+        loss_fn,
+        inputs,
+        targets,
+        kind=kind,
+        mc_samples=mc_samples,
+        generator=generator,
+        layers=list(layouts),
+        chunk_size=chunk_size,
+        memory_budget=memory_budget,
     )
     for rows in rows_iter:
         for name, r in rows.items():
