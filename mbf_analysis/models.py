@@ -61,6 +61,9 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 PAPER_MLP_WIDTHS: tuple[int, ...] = (256, 20, 20, 20, 20, 20, 10)
 """Widths of the MLP of the paper's heatmap and cosine analyses (16×16 down-scaled MNIST)."""
 
+DIGITS_MLP_WIDTHS: tuple[int, ...] = (64, 32, 16, 10)
+"""Widths of the default network on the embedded 8×8 digits (small enough for dense blocks)."""
+
 MNIST_AE_WIDTHS: tuple[int, ...] = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
 """MNIST autoencoder widths (Hinton & Salakhutdinov 2006); trained with BCE-with-logits."""
 
@@ -425,7 +428,13 @@ def vgg16_bn(num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0) 
     return _vgg_bn(_VGG_CONFIGS["D"], num_classes, in_channels, dropout)
 
 
+def digits_mlp() -> nn.Sequential:
+    """The default network: a 64-32-16-10 tanh MLP for the embedded 8×8 digits."""
+    return mlp(DIGITS_MLP_WIDTHS, "tanh")
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
+    "digits-mlp": digits_mlp,
     "paper-mlp": paper_mlp,
     "simple-cnn": simple_cnn,
     "mnist-ae": mnist_autoencoder,

@@ -34,6 +34,7 @@ from mbf_analysis.models import (
 
 # name -> (input shape of one sample, output shape of one sample) for every registry entry
 SHAPES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "digits-mlp": ((1, 8, 8), (10,)),
     "paper-mlp": ((1, 16, 16), (10,)),
     "simple-cnn": ((1, 28, 28), (10,)),
     "mnist-ae": ((1, 28, 28), (784,)),
