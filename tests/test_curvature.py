@@ -491,5 +491,7 @@ def test_unsupported_loss_and_bad_arguments():
         layer_fisher(model, nn.CrossEntropyLoss(), x, y, kind="true")
     with pytest.raises(ValueError, match="batch size"):
         per_sample_grads(model, nn.CrossEntropyLoss(), x, y[:-1])
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        layer_fisher(model, nn.CrossEntropyLoss(), x, y, chunk_size=0)
     with pytest.raises(ValueError, match="label smoothing"):
         per_sample_grads(model, nn.CrossEntropyLoss(label_smoothing=0.1), x, y)

@@ -129,6 +129,7 @@ def per_sample_grads(
         NonFiniteError: If a per-sample gradient holds NaN or Inf.
     """
     check_model(model)
+    _check_chunk_size(chunk_size)
     likelihood, inputs, targets = _prepare_inputs(model, loss_fn, inputs, targets)
     device, dtype = _model_device_dtype(model)
     budget = resolve_budget(memory_budget, device)
@@ -155,6 +156,11 @@ def per_sample_grads(
             for name, g in grads.items():
                 parts.setdefault(name, []).append(g.detach() * likelihood.grad_scale)
     return {name: torch.cat(chunks) for name, chunks in parts.items()}
+
+
+def _check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}.")
 
 
 def _rows_per_sample(kind: str, mc_samples: int, n_outputs: int) -> int:
@@ -202,6 +208,7 @@ def fisher_rows(
         raise ValueError(f"unknown Fisher kind {kind!r}; choose one of {FISHER_KINDS}.")
     if mc_samples < 1:
         raise ValueError(f"mc_samples must be a positive integer, got {mc_samples}.")
+    _check_chunk_size(chunk_size)
     layouts = _selected_layouts(check_model(model), layers)
     likelihood, inputs, targets = _prepare_inputs(model, loss_fn, inputs, targets)
     device, dtype = _model_device_dtype(model)
