@@ -1,5 +1,16 @@
-"""Curvature extraction with BackPACK: per-sample gradients, empirical and true Fisher."""
+"""Curvature extraction with BackPACK: per-sample gradients, empirical and true Fisher, and the
+one-pass collection of every statistic the preconditioning methods need."""
 
+from mbf_analysis.curvature.collect import (
+    GRAD,
+    KFAC_FACTORS,
+    KFAC_FACTORS_SAMPLED,
+    PER_SAMPLE_GRAD,
+    SAMPLED_GRAD,
+    STATISTICS,
+    Stats,
+    collect,
+)
 from mbf_analysis.curvature.fisher import (
     FISHER_KINDS,
     FisherKind,
@@ -7,11 +18,23 @@ from mbf_analysis.curvature.fisher import (
     layer_fisher,
     miniblock_fisher,
     per_sample_grads,
+    prepare_batch,
 )
+from mbf_analysis.curvature.kfac import KronFactors
 from mbf_analysis.curvature.losses import Likelihood, likelihood_of
 from mbf_analysis.curvature.memory import default_budget
 
 __all__ = [
+    "GRAD",
+    "KFAC_FACTORS",
+    "KFAC_FACTORS_SAMPLED",
+    "PER_SAMPLE_GRAD",
+    "SAMPLED_GRAD",
+    "STATISTICS",
+    "KronFactors",
+    "Stats",
+    "collect",
+    "prepare_batch",
     "FISHER_KINDS",
     "FisherKind",
     "Likelihood",

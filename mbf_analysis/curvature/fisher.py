@@ -52,6 +52,7 @@ __all__ = [
     "FisherKind",
     "FISHER_KINDS",
     "per_sample_grads",
+    "prepare_batch",
     "fisher_rows",
     "layer_fisher",
     "miniblock_fisher",
@@ -68,9 +69,18 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return param.device, param.dtype
 
 
-def _prepare_inputs(
+def prepare_batch(
     model: nn.Module, loss_fn: nn.Module, inputs: Tensor, targets: Tensor
 ) -> tuple[Likelihood, Tensor, Tensor]:
+    """Check a batch and move it to the model's device and dtype.
+
+    Returns:
+        The likelihood of ``loss_fn``, the inputs (floating inputs in the model's dtype) and the
+        targets (on the model's device; float targets in its dtype for MSE and BCE).
+
+    Raises:
+        ValueError: Mismatched or empty batches, or targets that do not fit the loss.
+    """
     likelihood = likelihood_of(loss_fn)
     device, dtype = _model_device_dtype(model)
     if len(inputs) != len(targets):
@@ -130,7 +140,7 @@ def per_sample_grads(
     """
     check_model(model)
     _check_chunk_size(chunk_size)
-    likelihood, inputs, targets = _prepare_inputs(model, loss_fn, inputs, targets)
+    likelihood, inputs, targets = prepare_batch(model, loss_fn, inputs, targets)
     device, dtype = _model_device_dtype(model)
     budget = resolve_budget(memory_budget, device)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -210,7 +220,7 @@ def fisher_rows(
         raise ValueError(f"mc_samples must be a positive integer, got {mc_samples}.")
     _check_chunk_size(chunk_size)
     layouts = _selected_layouts(check_model(model), layers)
-    likelihood, inputs, targets = _prepare_inputs(model, loss_fn, inputs, targets)
+    likelihood, inputs, targets = prepare_batch(model, loss_fn, inputs, targets)
     device, dtype = _model_device_dtype(model)
     budget = resolve_budget(memory_budget, device)
     n = len(inputs)
