@@ -5,7 +5,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
+from mbf_analysis import checkpoints
+from mbf_analysis.analysis import miniblock_mass
 from mbf_analysis.cli import main
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -87,3 +90,115 @@ def test_invalid_arguments_exit_2(argv):
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2
+
+
+def test_heatmap_run_saves_figures_matrices_and_uses_the_cache(tmp_path, capsys, monkeypatch):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    argv = ["heatmap", "--batch-size", "48", "--epochs", "2", "--cache-dir", str(cache)]
+    assert main([*argv, "--max-dim", "600", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "not analysed whole (over --max-dim 600): fc1 (d = 2080)" in printed
+    assert "digits-mlp after 2 epochs" in printed and "mass_vs_area" in printed
+    for name in ("heatmap_empirical", "heatmap_exact"):
+        for suffix in (".png", ".pdf"):
+            assert (out / f"{name}{suffix}").stat().st_size > 1000
+    frame = pd.read_csv(out / "heatmap_mass.csv")
+    assert list(frame.subset) == ["fc2", "fc3"] * 2
+    assert list(frame.blocks) == ["16×33", "10×17"] * 2
+    assert (frame.miniblock_mass > frame.miniblock_area).all()
+    saved = torch.load(out / "heatmap_matrices.pt", weights_only=True)
+    for row in frame.itertuples():
+        matrix = saved["matrices"][row.kind][row.subset]
+        assert matrix.shape == (row.dim, row.dim)
+        mass, area = miniblock_mass(matrix, saved["block_sizes"][row.subset])
+        assert (mass, area) == pytest.approx((row.miniblock_mass, row.miniblock_area))
+    record = json.loads((out / "run.json").read_text())
+    assert record["command"] == "heatmap_mass" and record["config"]["epochs"] == 2
+    assert set(record["timings_s"]) == {"load", "pretrain", "fisher", "plot"}
+    assert len(list(cache.glob("*.pt"))) == 1
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached checkpoint should have been loaded")
+
+    monkeypatch.setattr(checkpoints, "train_model", no_training)
+    assert main([*argv, "--kinds", "empirical", "--layers", "fc3"]) == 0
+    assert "fc3 empirical 170 10×17" in " ".join(capsys.readouterr().out.split())
+
+
+def test_heatmap_conv2_input_channels_on_real_fashion_mnist(tmp_path, capsys):
+    out = tmp_path / "cnn"
+    argv = [
+        "heatmap",
+        "--dataset",
+        "fashion-mnist",
+        "--data-dir",
+        str(SHARED_DATA),
+        "--epochs",
+        "0",
+        "--layers",
+        "",
+        "--channels",
+        "conv2=32,32",
+        "--batch-size",
+        "8",
+        "--kinds",
+        "empirical",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "conv2 input channel 32 " in printed
+    frame = pd.read_csv(out / "heatmap_mass.csv")  # a repeated channel is analysed once
+    assert list(frame.dim) == [1600] and list(frame.blocks) == ["64×25"]
+    assert frame.miniblock_area.tolist() == pytest.approx([1 / 64])
+    saved = torch.load(out / "heatmap_matrices.pt", weights_only=True)
+    first = saved["indices"]["conv2 input channel 32"][:3].tolist()
+    assert first == [31 * 25, 31 * 25 + 1, 31 * 25 + 2]  # 1-based channel 32 is weight[:, 31]
+    assert saved["layers"]["conv2 input channel 32"] == "conv2"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["heatmap", "--layers", "fc9"], "--layers: fc9 not in the model"),
+        (["heatmap", "--channels", "fc1=1"], "--channels fc1: not a convolution of the model"),
+        (["heatmap", "--kinds", "true"], "--kinds true: choose from empirical, exact, mc"),
+        (["heatmap", "--epochs", "-1"], "--epochs -1: must be 0 or more"),
+        (["heatmap", "--layers", ""], "nothing to analyse"),
+        (["heatmap", "--dataset", "mnist16", "--data-dir", "/nonexistent"], "Searched"),
+        (
+            [
+                "heatmap",
+                "--dataset",
+                "fashion-mnist",
+                "--data-dir",
+                str(SHARED_DATA),
+                "--channels",
+                "conv2=33",
+            ],
+            "--channels conv2=33: channels are 1-based, conv2 reads channels 1..32",
+        ),
+    ],
+)
+def test_heatmap_bad_input_gives_one_line_and_exit_code_2(argv, message, capsys, monkeypatch):
+    monkeypatch.delenv("MBF_DATA_DIR", raising=False)
+    monkeypatch.setenv("HOME", "/nonexistent-home")
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("mbf-analyze: error:") and err.count("\n") == 1
+    assert message in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["heatmap", "--channels", "conv2"], ["heatmap", "--channels", "conv2=a"]],
+)
+def test_heatmap_malformed_channels_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "LAYER=I,J,..." in capsys.readouterr().err

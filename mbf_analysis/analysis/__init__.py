@@ -1,5 +1,12 @@
 """Analyses: each returns tidy pandas DataFrames (and matrices), never plots."""
 
+from mbf_analysis.analysis.heatmap import InverseHeatmaps, ParameterSubset, inverse_fisher_heatmaps
 from mbf_analysis.analysis.summary import fisher_summary, miniblock_mass
 
-__all__ = ["fisher_summary", "miniblock_mass"]
+__all__ = [
+    "InverseHeatmaps",
+    "ParameterSubset",
+    "fisher_summary",
+    "inverse_fisher_heatmaps",
+    "miniblock_mass",
+]

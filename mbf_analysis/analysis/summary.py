@@ -24,21 +24,37 @@ from mbf_analysis.layout import LayerLayout, model_layouts
 __all__ = ["miniblock_mass", "fisher_summary"]
 
 
-def miniblock_mass(matrix: Tensor, layout: LayerLayout) -> tuple[float, float]:
-    """Mass and area fractions of the mini-blocks in ``|matrix|``.
+def miniblock_mass(matrix: Tensor, blocks: LayerLayout | Sequence[int]) -> tuple[float, float]:
+    """Mass and area fractions of the diagonal mini-blocks in ``|matrix|``.
+
+    With mini-blocks ``b`` of sizes ``s_b`` laid out along the diagonal (``Σ_b s_b = d``):
+    ``mass = Σ_b Σ_{(i,j) ∈ b×b} |M_ij| / Σ_{i,j} |M_ij|`` and ``area = Σ_b s_b² / d²``.
 
     Args:
-        matrix: ``[d, d]`` in the layer's mini-block order.
-        layout: The layer's layout.
+        matrix: ``[d, d]`` in mini-block order.
+        blocks: The layer's layout, or the block sizes ``[s_1, ..., s_B]`` in diagonal order
+            (e.g. of a parameter subset).
 
     Returns:
-        ``(Σ_blocks |M_ij| / Σ |M_ij|, block entries / d²)``.
+        ``(mass, area)``; ``mass`` is NaN for an all-zero matrix.
+
+    Raises:
+        ValueError: If the block sizes do not add up to ``d`` or ``matrix`` is not square.
     """
-    mask = layout.block_mask(matrix.device)
+    sizes = blocks.block_sizes if isinstance(blocks, LayerLayout) else [int(s) for s in blocks]
+    if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1] or sum(sizes) != matrix.shape[0]:
+        raise ValueError(
+            f"block sizes adding up to {sum(sizes)} do not tile the diagonal of a matrix of "
+            f"shape {list(matrix.shape)}."
+        )
+    ids = torch.repeat_interleave(
+        torch.arange(len(sizes), device=matrix.device), torch.tensor(sizes, device=matrix.device)
+    )
+    mask = ids[:, None] == ids[None, :]
     absolute = matrix.abs()
     total = absolute.sum()
     mass = float(absolute[mask].sum() / total) if total > 0 else float("nan")
-    return mass, float(mask.sum()) / mask.numel()
+    return mass, sum(s * s for s in sizes) / matrix.shape[0] ** 2
 
 
 def _describe_blocks(layout: LayerLayout) -> str:

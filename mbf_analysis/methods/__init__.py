@@ -8,7 +8,9 @@
 A method declares the statistics it needs (:attr:`Method.needs`);
 :func:`~mbf_analysis.curvature.collect.collect` computes the union for a set of methods in one
 pass, and each method folds them in with :meth:`Method.update` and returns per-layer directions
-with :meth:`Method.direction`. :func:`directions` does both for one batch in one-shot form.
+with :meth:`Method.direction`. :func:`build_methods` builds several methods from shared and
+per-method settings; :func:`directions` builds, updates and asks them for one batch in one-shot
+form.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ __all__ = [
     "ShampooConfig",
     "Stats",
     "adam_like",
+    "build_methods",
     "config_class",
     "directions",
     "ema_outer_",
@@ -127,6 +130,47 @@ def get(name: str, **config: Any) -> Method:
     return entry.cls(entry.config(**config, **entry.fixed), name=name)
 
 
+def build_methods(names: str | Iterable[str], **config: Any) -> dict[str, Method]:
+    """Build several methods at once from shared and per-method settings.
+
+    Args:
+        names: Method names (see :func:`names`), in the order of the returned dict.
+        **config: Either a configuration field, applied to every selected method that has it
+            (e.g. ``damping=1e-3``; it must belong to at least one), or a method name mapping
+            to that method's own fields, which take precedence (e.g.
+            ``kfac={"damping_mode": "eigen"}``; pass names with a dash as
+            ``**{"mbf-true": {...}}``).
+
+    Returns:
+        Name → a fresh method (no state yet).
+
+    Raises:
+        KeyError: For an unknown method name.
+        ValueError: For per-method settings of a method that is not selected.
+        TypeError: For a shared setting that no selected method has, or a per-method field
+            that method does not have.
+    """
+    selected = [names] if isinstance(names, str) else list(names)
+    for name in selected:
+        _entry(name)
+    shared = {k: v for k, v in config.items() if k not in _REGISTRY}
+    per_method = {k: dict(v) for k, v in config.items() if k in _REGISTRY}
+    stray = set(per_method) - set(selected)
+    if stray:
+        raise ValueError(f"settings given for method(s) {sorted(stray)} that are not selected.")
+    unused = {
+        key for key in shared if not any(key in _entry(n).config.field_names() for n in selected)
+    }
+    if unused:
+        raise TypeError(f"no selected method {selected} has the setting(s) {sorted(unused)}.")
+    built = {}
+    for name in selected:
+        fields = _entry(name).config.field_names()
+        options = {k: v for k, v in shared.items() if k in fields} | per_method.get(name, {})
+        built[name] = get(name, **options)
+    return built
+
+
 def directions(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -149,35 +193,15 @@ def directions(
         model, loss_fn, inputs, targets: As for :func:`~mbf_analysis.curvature.collect.collect`.
         names: Method names (see :func:`names`).
         generator: Randomness of the sampled labels (MBF-True, true-Fisher KFAC).
-        **config: Either a configuration field, applied to every selected method that has it
-            (e.g. ``damping=1e-3``; it must belong to at least one), or a method name mapping
-            to that method's own fields (e.g. ``kfac={"damping_mode": "eigen"}``; pass names
-            with a dash as ``**{"mbf-true": {...}}``).
+        **config: Shared and per-method settings, as for :func:`build_methods`.
 
     Returns:
         Method → layer → direction ``[d]`` (METHODS §2 order, as
         :meth:`~mbf_analysis.layout.LayerLayout.flatten`).
     """
-    selected = [names] if isinstance(names, str) else list(names)
-    for name in selected:
-        _entry(name)
-    shared = {k: v for k, v in config.items() if k not in _REGISTRY}
-    per_method = {k: dict(v) for k, v in config.items() if k in _REGISTRY}
-    stray = set(per_method) - set(selected)
-    if stray:
-        raise ValueError(f"settings given for method(s) {sorted(stray)} that are not selected.")
-    unused = {
-        key for key in shared if not any(key in _entry(n).config.field_names() for n in selected)
-    }
-    if unused:
-        raise TypeError(f"no selected method {selected} has the setting(s) {sorted(unused)}.")
-    built = {}
-    for name in selected:
-        fields = _entry(name).config.field_names()
-        options = {k: v for k, v in shared.items() if k in fields} | per_method.get(name, {})
-        method = get(name, **options)
+    built = build_methods(names, **config)
+    for method in built.values():
         method.config = method.config.one_shot()
-        built[name] = method
     needs = frozenset().union(*(m.needs for m in built.values()))
     stats = collect(model, loss_fn, inputs, targets, needs, generator=generator)
     out = {}

@@ -1,0 +1,290 @@
+"""Figures from the analyses' matrices and tidy DataFrames (seaborn/matplotlib).
+
+Every function builds a :class:`matplotlib.figure.Figure` without pyplot's global state (nothing
+is shown, no backend is required; works under ``matplotlib.use("Agg")``), draws into a given
+``ax`` where that makes sense, and returns the figure. :func:`save_figure` writes PNG and PDF.
+
+- :func:`plot_inverse_heatmap`: ``|P|`` of one layer or parameter subset, mini-blocks outlined
+  on the diagonal (paper Fig. 5, 13, 14).
+- :func:`plot_heatmap_grid`: several of those side by side.
+- :func:`plot_cosines`: cosine of each method's direction with BDF's along the trajectory, one
+  panel per layer, smoothed by a rolling mean (paper Fig. 6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
+from matplotlib.axes import Axes
+from matplotlib.colors import LogNorm, Normalize
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+__all__ = [
+    "BLOCK_GID",
+    "COSINE_COLUMNS",
+    "plot_cosines",
+    "plot_heatmap_grid",
+    "plot_inverse_heatmap",
+    "save_figure",
+    "smooth_cosines",
+]
+
+BLOCK_GID = "miniblock"
+"""``gid`` of the rectangles that outline the mini-blocks (to find them among the artists)."""
+
+COSINE_COLUMNS = ("iteration", "layer", "method", "cosine")
+"""Columns that :func:`plot_cosines` needs (``loss`` is optional)."""
+
+
+def _as_numpy(matrix: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(matrix, torch.Tensor):
+        matrix = matrix.detach().cpu().double().numpy()
+    return np.asarray(matrix, dtype=np.float64)
+
+
+def plot_inverse_heatmap(
+    matrix: torch.Tensor | np.ndarray,
+    block_sizes: Sequence[int],
+    ax: Axes | None = None,
+    *,
+    title: str | None = None,
+    log_scale: bool = True,
+    dynamic_range: float = 1e6,
+    cmap: str = "rocket",
+    mark_blocks: bool = True,
+    colorbar: bool = True,
+) -> Figure:
+    """Heatmap of ``|P|`` (``[k, k]``) with its diagonal mini-blocks outlined.
+
+    Entry ``(i, j)`` is the pixel centred at ``(j, i)``; mini-block ``b`` covering indices
+    ``o_b .. o_b + s_b − 1`` is outlined by a square with corner ``(o_b − ½, o_b − ½)`` and side
+    ``s_b`` (``gid`` :data:`BLOCK_GID`), one per block.
+
+    Args:
+        matrix: ``[k, k]``; its absolute value is shown.
+        block_sizes: Mini-block sizes along the diagonal, adding up to ``k``.
+        ax: Where to draw (default: a new figure).
+        title: Axes title.
+        log_scale: Logarithmic colour scale, since magnitudes span decades: from the 1st
+            percentile of the nonzero ``|P_ij|`` (at least ``max|P| / dynamic_range``) to
+            ``max|P|``; smaller entries get the lowest colour.
+        dynamic_range: Largest ratio of the top to the bottom of the log colour scale.
+        cmap: Colour map name (seaborn's or matplotlib's).
+        mark_blocks: Outline the mini-blocks.
+        colorbar: Add a colour bar.
+
+    Returns:
+        The figure holding ``ax``.
+
+    Raises:
+        ValueError: If ``matrix`` is not square or the block sizes do not add up to ``k``.
+    """
+    values = np.abs(_as_numpy(matrix))
+    sizes = [int(s) for s in block_sizes]
+    if values.ndim != 2 or values.shape[0] != values.shape[1] or sum(sizes) != len(values):
+        raise ValueError(
+            f"block sizes adding up to {sum(sizes)} do not tile a matrix of shape "
+            f"{list(values.shape)}."
+        )
+    if ax is None:
+        fig = Figure(figsize=(5.0, 4.2), layout="constrained")
+        ax = fig.add_subplot()
+    fig = ax.get_figure(root=True)
+    top = float(values.max()) if values.size else 1.0
+    top = top if top > 0 else 1.0
+    if log_scale:
+        positive = values[values > 0]
+        low = float(np.quantile(positive, 0.01)) if positive.size else 0.0
+        norm: Normalize = LogNorm(vmin=max(low, top / dynamic_range), vmax=top, clip=True)
+    else:
+        norm = Normalize(vmin=0.0, vmax=top)
+    image = ax.imshow(values, cmap=sns.color_palette(cmap, as_cmap=True), norm=norm)
+    if mark_blocks:
+        offset = 0
+        for size in sizes:
+            ax.add_patch(
+                Rectangle(
+                    (offset - 0.5, offset - 0.5),
+                    size,
+                    size,
+                    fill=False,
+                    edgecolor="#4dd0e1",
+                    linewidth=0.4,
+                    gid=BLOCK_GID,
+                )
+            )
+            offset += size
+    ax.set_xlabel("parameter index")
+    ax.set_ylabel("parameter index")
+    if title:
+        ax.set_title(title)
+    if colorbar:
+        fig.colorbar(image, ax=ax, label="|P|", shrink=0.85)
+    return fig
+
+
+def plot_heatmap_grid(
+    matrices: Mapping[str, torch.Tensor | np.ndarray],
+    block_sizes: Mapping[str, Sequence[int]],
+    *,
+    ncols: int | None = None,
+    panel_size: float = 3.6,
+    suptitle: str | None = None,
+    **kwargs: object,
+) -> Figure:
+    """Several :func:`plot_inverse_heatmap` panels side by side (paper Fig. 5, 13, 14).
+
+    Args:
+        matrices: Panel title → ``[k, k]`` matrix, in panel order.
+        block_sizes: Panel title → its mini-block sizes.
+        ncols: Panels per row (default: all in one row).
+        panel_size: Height of a panel in inches.
+        suptitle: Figure title.
+        **kwargs: Passed on to :func:`plot_inverse_heatmap` (``log_scale``, ``cmap``, ...).
+
+    Returns:
+        The figure, one axes per matrix (each with its own colour bar).
+    """
+    if not matrices:
+        raise ValueError("no matrices to plot.")
+    missing = [name for name in matrices if name not in block_sizes]
+    if missing:
+        raise ValueError(f"no block sizes for {missing}.")
+    ncols = min(ncols or len(matrices), len(matrices))
+    nrows = -(-len(matrices) // ncols)
+    fig = Figure(figsize=(1.25 * panel_size * ncols, panel_size * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
+    for ax, (name, matrix) in zip(axes, matrices.items(), strict=False):
+        plot_inverse_heatmap(matrix, block_sizes[name], ax, title=name, **kwargs)
+    for ax in axes[len(matrices) :]:
+        ax.set_axis_off()
+    if suptitle:
+        fig.suptitle(suptitle)
+    return fig
+
+
+def smooth_cosines(frame: pd.DataFrame, window: int) -> pd.DataFrame:
+    """Add ``smoothed``: the rolling mean of ``cosine`` over ``window`` iterations.
+
+    Per ``(layer, method)``, ordered by ``iteration``:
+    ``smoothed_t = mean(cosine_{t−w+1}, …, cosine_t)`` over the available values (fewer at the
+    start: ``min_periods=1``).
+
+    Args:
+        frame: Columns :data:`COSINE_COLUMNS`.
+        window: ``w ≥ 1`` (``1``: no smoothing).
+
+    Returns:
+        A copy sorted by ``layer, method, iteration`` with the extra column.
+    """
+    if window < 1:
+        raise ValueError(f"smoothing window must be a positive integer, got {window}.")
+    missing = [c for c in COSINE_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"cosine frame lacks columns {missing}; it needs {list(COSINE_COLUMNS)}.")
+    out = frame.sort_values(["layer", "method", "iteration"], kind="stable").copy()
+    out["smoothed"] = out.groupby(["layer", "method"], sort=False)["cosine"].transform(
+        lambda s: s.rolling(window, min_periods=1).mean()
+    )
+    return out
+
+
+def _pick(frame: pd.DataFrame, column: str, wanted: Sequence[str] | None) -> list[str]:
+    present = list(dict.fromkeys(frame[column]))
+    if wanted is None:
+        return present
+    unknown = [w for w in wanted if w not in present]
+    if unknown:
+        raise ValueError(f"{column}s {unknown} not in the frame; it has {present}.")
+    return list(wanted)
+
+
+def plot_cosines(
+    frame: pd.DataFrame,
+    *,
+    smoothing: int = 10,
+    layers: Sequence[str] | None = None,
+    methods: Sequence[str] | None = None,
+    show_loss: bool = True,
+    ncols: int = 4,
+    panel_size: float = 3.2,
+) -> Figure:
+    """Cosine of each method's direction with BDF's along the trajectory (paper Fig. 6).
+
+    One panel per layer (x: iteration, y: rolling-mean cosine, :func:`smooth_cosines`), one line
+    per method in the same colour in every panel, and one legend for the figure. The y range is
+    ``[0, 1]`` if no cosine is negative, else ``[−1, 1]``. With ``show_loss`` and a ``loss``
+    column, a last panel shows the loss along the trajectory (the first value per iteration).
+
+    Args:
+        frame: Tidy frame with columns ``iteration, layer, method, cosine`` (and ``loss``).
+        smoothing: Rolling-mean window in iterations (``1``: raw values).
+        layers: Layers to show, in panel order (default: all, in order of appearance).
+        methods: Methods to show, in legend order (default: all, in order of appearance).
+        show_loss: Add the loss panel when the frame has ``loss``.
+        ncols: Panels per row.
+        panel_size: Height of a panel in inches.
+
+    Returns:
+        The figure.
+    """
+    smoothed = smooth_cosines(frame, smoothing)
+    layers = _pick(frame, "layer", layers)
+    methods = _pick(frame, "method", methods)
+    smoothed = smoothed[smoothed.layer.isin(layers) & smoothed.method.isin(methods)]
+    loss = show_loss and "loss" in frame.columns
+    n_panels = len(layers) + int(loss)
+    ncols = min(ncols, n_panels)
+    nrows = -(-n_panels // ncols)
+    fig = Figure(figsize=(1.3 * panel_size * ncols, panel_size * nrows + 0.5), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True).flatten()
+    colors = dict(zip(methods, sns.color_palette(n_colors=len(methods)), strict=True))
+    ylim = (0.0, 1.0) if float(smoothed.cosine.min()) >= 0 else (-1.0, 1.0)
+    for ax, layer in zip(axes, layers, strict=False):
+        part = smoothed[smoothed.layer == layer]
+        for method in methods:
+            line = part[part.method == method]
+            ax.plot(line.iteration, line.smoothed, color=colors[method], label=method, lw=1.2)
+        ax.set_title(str(layer))
+        ax.set_ylim(*ylim)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(f"cos(d, d_BDF), rolling mean of {smoothing}")
+        ax.grid(alpha=0.3)
+    if loss:
+        ax = axes[len(layers)]
+        per_iteration = frame.groupby("iteration", sort=True)["loss"].first()
+        ax.plot(per_iteration.index, per_iteration.to_numpy(), color="black", lw=1.0)
+        ax.set_title("training loss")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+    for ax in axes[n_panels:]:
+        ax.set_axis_off()
+    handles = [axes[0].lines[i] for i in range(len(methods))]
+    fig.legend(handles, methods, loc="outside lower center", ncols=len(methods), frameon=False)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path, *, dpi: int = 120) -> tuple[Path, Path]:
+    """Write ``<path>.png`` and ``<path>.pdf`` (folders are created).
+
+    Args:
+        fig: The figure.
+        path: Target without suffix (a suffix-like part of the name is kept, not replaced).
+        dpi: Resolution of the PNG and of images embedded in the PDF.
+
+    Returns:
+        The PNG and PDF paths.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    png, pdf = path.with_name(path.name + ".png"), path.with_name(path.name + ".pdf")
+    fig.savefig(png, dpi=dpi)
+    fig.savefig(pdf, dpi=dpi)
+    return png, pdf

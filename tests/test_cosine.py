@@ -1,0 +1,343 @@
+"""Cosine along the BDF trajectory (mbf_analysis.analysis.cosine).
+
+The ground truth re-derives every quantity by hand on a tiny MLP in float64: per-sample
+gradients from torch.func, the layer vectors in METHODS §2 order built explicitly, BDF's dense
+EFM EMA and MBF's block-diagonal EMA as explicit ``[d, d]`` matrices solved with
+``torch.linalg.solve``, SGD-m's momentum, the cosine by its formula and the step
+``θ ← θ − α d_BDF``. The remaining tests check determinism, resuming, the single collection pass
+per iteration, the minibatch sampler and the error messages.
+"""
+
+import io
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from mbf_analysis.analysis.cosine import (
+    COLUMNS,
+    DEFAULT_METHODS,
+    CosineConfig,
+    CosineDivergedError,
+    CosineRun,
+    _cosine,
+    cosine_trajectory,
+)
+from mbf_analysis.errors import NonFiniteError
+
+DT = torch.float64
+N = 24
+
+
+def _problem(seed=0, n=N):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT)
+    x = torch.randn(n, 3, dtype=DT)
+    y = torch.randint(0, 3, (n,))
+    return model, x, y
+
+
+def _run(config=None, seed=0, **kwargs):
+    model, x, y = _problem(seed)
+    config = config or CosineConfig(batch_size=6, **kwargs)
+    return CosineRun(model, nn.CrossEntropyLoss(), x, y, config)
+
+
+# ----------------------------------------------------------------------------- ground truth
+def _layer_vector(weight, bias):
+    """METHODS §2 order of a Linear layer: ``[W[0,:], b[0], W[1,:], b[1], ...]``."""
+    return torch.cat([weight, bias.unsqueeze(-1)], dim=-1).flatten(-2)
+
+
+def _block_mask(n_out, n_in):
+    ids = torch.arange(n_out).repeat_interleave(n_in + 1)
+    return ids[:, None] == ids[None, :]
+
+
+def _cos(a, b):
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def test_matches_hand_computation():
+    """Three iterations, full batch, against explicit BDF, MBF and SGD-m recursions."""
+    lr, lam, beta, mu = 0.5, 0.1, 0.9, 0.9
+    model, x, y = _problem()
+    config = CosineConfig(
+        methods=["mbf", "sgdm", "bdf"], batch_size=N, lr=lr, damping=lam, iterations=3
+    )
+    frame = CosineRun(model, nn.CrossEntropyLoss(), x, y, config).run(progress=False)
+
+    net, x, y = _problem()
+    params = {k: v.detach().clone() for k, v in net.named_parameters()}
+    layers = {"0": (3, 4), "2": (4, 3)}
+
+    def loss_one(p, xn, yn):
+        logits = functional_call(net, p, (xn.unsqueeze(0),))
+        return nn.functional.cross_entropy(logits, yn.unsqueeze(0))
+
+    state = {
+        layer: {
+            "m_bdf": torch.zeros(n_out * (n_in + 1), dtype=DT),
+            "F_bdf": torch.zeros(n_out * (n_in + 1), n_out * (n_in + 1), dtype=DT),
+            "m_mbf": None,
+            "F_mbf": torch.zeros(n_out * (n_in + 1), n_out * (n_in + 1), dtype=DT),
+            "m_sgdm": None,
+        }
+        for layer, (n_in, n_out) in layers.items()
+    }
+    expected = []
+    for k in range(3):
+        per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+        loss = float(nn.functional.cross_entropy(functional_call(net, params, (x,)), y))
+        steps = {}
+        for layer, (n_in, n_out) in layers.items():
+            g_n = _layer_vector(per_sample[f"{layer}.weight"], per_sample[f"{layer}.bias"])
+            g = g_n.mean(0)
+            s = state[layer]
+            s["m_bdf"] = beta * s["m_bdf"] + (1 - beta) * g
+            s["F_bdf"] = beta * s["F_bdf"] + (1 - beta) * g_n.T @ g_n / N
+            eye = torch.eye(len(g), dtype=DT)
+            d_bdf = torch.linalg.solve(s["F_bdf"] + lam * eye, s["m_bdf"])
+            s["m_mbf"] = g.clone() if s["m_mbf"] is None else mu * s["m_mbf"] + g
+            outer = torch.outer(g, g) * _block_mask(n_out, n_in)
+            s["F_mbf"] = beta * s["F_mbf"] + (1 - beta) * outer
+            d_mbf = torch.linalg.solve(s["F_mbf"] + lam * eye, s["m_mbf"])
+            s["m_sgdm"] = g.clone() if s["m_sgdm"] is None else mu * s["m_sgdm"] + g
+            for method, d in (("mbf", d_mbf), ("sgdm", s["m_sgdm"]), ("bdf", d_bdf)):
+                expected.append((k, layer, method, _cos(d, d_bdf), loss))
+            steps[layer] = d_bdf.reshape(n_out, n_in + 1)
+        for layer, step in steps.items():
+            params[f"{layer}.weight"] = params[f"{layer}.weight"] - lr * step[:, :-1]
+            params[f"{layer}.bias"] = params[f"{layer}.bias"] - lr * step[:, -1]
+
+    truth = pd.DataFrame(expected, columns=list(COLUMNS))
+    assert list(frame.columns) == list(COLUMNS)
+    pd.testing.assert_frame_equal(
+        frame[["iteration", "layer", "method"]], truth[["iteration", "layer", "method"]]
+    )
+    torch.testing.assert_close(
+        torch.tensor(frame.cosine.to_numpy()),
+        torch.tensor(truth.cosine.to_numpy()),
+        rtol=1e-9,
+        atol=1e-12,
+    )
+    torch.testing.assert_close(
+        torch.tensor(frame.loss.to_numpy()), torch.tensor(truth.loss.to_numpy()), rtol=1e-12, atol=0
+    )
+    assert frame[frame.method == "bdf"].cosine.sub(1.0).abs().lt(1e-12).all()
+    assert frame[frame.method != "bdf"].cosine.lt(1.0 - 1e-6).all()
+    for name, value in model.named_parameters():
+        torch.testing.assert_close(value.detach(), params[name], rtol=1e-10, atol=1e-12)
+
+
+def test_cosine_formula_clipping_and_undefined_cases():
+    a = torch.tensor([3.0, 4.0], dtype=DT)
+    assert _cosine(a, torch.tensor([4.0, -3.0], dtype=DT)) == 0.0
+    assert _cosine(a, -2 * a) == -1.0
+    assert _cosine(a, a) <= 1.0
+    assert _cosine(a.float(), torch.tensor([1.0, 0.0])) == pytest.approx(0.6, abs=1e-15)
+    assert torch.isnan(torch.tensor(_cosine(a, torch.zeros(2, dtype=DT))))
+    assert torch.isnan(torch.tensor(_cosine(a, torch.tensor([float("inf"), 0.0], dtype=DT))))
+
+
+# ----------------------------------------------------------------------------- behaviour
+def test_default_frame_layout_and_records():
+    run = _run()
+    records = []
+    frame = run.run(3, on_record=records.append, progress=False)
+    layers = ["0", "2"]
+    assert list(frame.columns) == list(COLUMNS)
+    assert len(frame) == 3 * len(layers) * len(DEFAULT_METHODS)
+    assert run.iteration == 3
+    assert list(frame.iteration.unique()) == [0, 1, 2]
+    assert list(frame.method.unique()) == list(DEFAULT_METHODS)
+    assert list(frame.layer.unique()) == layers
+    assert frame.cosine.between(-1, 1).all()
+    assert frame.groupby("iteration").loss.nunique().eq(1).all()
+    assert [len(r) for r in records] == [len(layers) * len(DEFAULT_METHODS)] * 3
+    pd.testing.assert_frame_equal(pd.concat(records, ignore_index=True), frame)
+
+
+def test_layers_subset():
+    frame = _run(CosineConfig(layers=["2"], batch_size=6, methods=["mbf"])).run(2, progress=False)
+    assert list(frame.layer.unique()) == ["2"]
+
+
+def test_deterministic_for_a_seed_and_seed_dependent():
+    first = _run(seed=1).run(4, progress=False)
+    again = _run(seed=1).run(4, progress=False)
+    pd.testing.assert_frame_equal(first, again)
+    other = _run(CosineConfig(batch_size=6, seed=1), seed=1).run(4, progress=False)
+    assert not first.cosine.equals(other.cosine)
+    assert not first.loss.equals(other.loss)
+
+
+def test_trajectory_does_not_depend_on_the_compared_methods():
+    alone = _run(CosineConfig(methods=["sgdm"], batch_size=6)).run(4, progress=False)
+    full = _run().run(4, progress=False)
+    assert alone.groupby("iteration").loss.first().equals(full.groupby("iteration").loss.first())
+    pd.testing.assert_frame_equal(
+        full[full.method == "sgdm"].reset_index(drop=True), alone.reset_index(drop=True)
+    )
+
+
+def test_resume_continues_identically():
+    config = CosineConfig(methods=[*DEFAULT_METHODS, "mbf-exact"], batch_size=7)
+    straight = _run(config).run(6, progress=False)
+
+    first = _run(config)
+    head = first.run(3, progress=False)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    second = _run(config)
+    torch.manual_seed(5)
+    for module in second.model.children():
+        if isinstance(module, nn.Linear):
+            module.reset_parameters()  # other weights, overwritten by the load
+    second.load_state_dict(torch.load(buffer))
+    assert second.iteration == 3
+    tail = second.run(3, progress=False)
+    pd.testing.assert_frame_equal(pd.concat([head, tail], ignore_index=True), straight)
+
+
+def test_resume_refuses_other_methods():
+    state = _run().state_dict()
+    with pytest.raises(ValueError, match="saved with methods"):
+        _run(CosineConfig(methods=["mbf"], batch_size=6)).load_state_dict(state)
+
+
+def test_one_forward_pass_per_iteration():
+    run = _run(CosineConfig(methods=[*DEFAULT_METHODS, "mbf-exact"], batch_size=6))
+    calls = []
+    run.model.register_forward_hook(lambda *args: calls.append(1))
+    run.run(5, progress=False)
+    assert len(calls) == 5
+
+
+def test_minibatches_are_drawn_without_replacement_within_an_epoch():
+    model, x, y = _problem(n=10)
+    x = torch.arange(10, dtype=DT)[:, None].repeat(1, 3)
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0][:, 0].tolist()))
+    config = CosineConfig(methods=["sgdm"], batch_size=3, lr=1e-3)
+    CosineRun(model, nn.CrossEntropyLoss(), x, y, config).run(6, progress=False)
+    assert all(len(batch) == 3 for batch in seen)
+    for epoch in (seen[:3], seen[3:]):
+        flat = [i for batch in epoch for i in batch]
+        assert len(set(flat)) == 9
+    assert seen[:3] != seen[3:]
+
+
+def test_cosine_trajectory_leaves_the_model_untouched():
+    model, x, y = _problem()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    frame = cosine_trajectory(
+        model, nn.CrossEntropyLoss(), x, y, methods=["mbf"], iterations=3, batch_size=6
+    )
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+    expected = _run(CosineConfig(methods=["mbf"], batch_size=6)).run(3, progress=False)
+    pd.testing.assert_frame_equal(frame, expected)
+
+
+def test_method_options_reach_the_methods():
+    run = _run(
+        CosineConfig(
+            batch_size=6,
+            methods=["mbf", "kfac"],
+            damping=0.05,
+            method_options={
+                "kfac": {"damping": 0.2, "damping_mode": "eigen"},
+                "bdf": {"decay": 0.5},
+            },
+        )
+    )
+    assert run.methods["mbf"].config.damping == 0.05
+    assert run.methods["kfac"].config.damping == 0.2
+    assert run.methods["kfac"].config.damping_mode == "eigen"
+    assert run.methods["bdf"].config.damping == 0.05
+    assert run.methods["bdf"].config.decay == 0.5
+    assert list(run.methods) == ["mbf", "kfac", "bdf"]
+
+
+# ----------------------------------------------------------------------------- failures
+def test_non_finite_direction_raises_with_partial_results():
+    run = _run()
+    records = []
+    bdf = run.methods["bdf"]
+    healthy = bdf.direction
+
+    def poisoned(grads=None):
+        out = healthy(grads)
+        if run.iteration == 2:
+            out["2"] = torch.full_like(out["2"], float("nan"))
+        return out
+
+    bdf.direction = poisoned
+    with pytest.raises(CosineDivergedError, match="iteration 2") as info:
+        run.run(5, on_record=records.append, progress=False)
+    err = info.value
+    assert isinstance(err, NonFiniteError)
+    assert err.iteration == 2
+    assert "larger damping" in str(err) and "smaller lr" in str(err)
+    assert "layer(s) ['2']" in str(err)
+    pd.testing.assert_frame_equal(err.frame, pd.concat(records, ignore_index=True))
+    assert list(err.frame.iteration.unique()) == [0, 1]
+
+
+@pytest.mark.parametrize("methods", [["sgdm"], DEFAULT_METHODS])
+def test_divergent_run_raises_with_partial_results(methods):
+    records = []
+    config = CosineConfig(methods=methods, batch_size=6, lr=1e308)
+    with pytest.raises(CosineDivergedError, match="diverged at iteration") as info:
+        _run(config).run(10, on_record=records.append, progress=False)
+    err = info.value
+    assert err.iteration >= 1
+    assert list(err.frame.iteration.unique()) == list(range(err.iteration))
+    pd.testing.assert_frame_equal(err.frame, pd.concat(records, ignore_index=True))
+
+
+def test_non_finite_inputs_are_refused():
+    model, x, y = _problem()
+    x[:] = float("inf")
+    run = CosineRun(model, nn.CrossEntropyLoss(), x, y, CosineConfig(batch_size=6))
+    with pytest.raises(ValueError, match="iteration 0 has NaN or Inf inputs"):
+        run.run(2, progress=False)
+
+
+def test_unknown_method_lists_the_choices():
+    with pytest.raises(ValueError, match=r"unknown method\(s\) \['lbfgs'\]; choose from .*'mbf'"):
+        CosineConfig(methods=["mbf", "lbfgs"])
+
+
+def test_unknown_layer_lists_the_layers():
+    with pytest.raises(ValueError, match=r"unknown layer\(s\) \['fc9'\].*\['0', '2'\]"):
+        _run(CosineConfig(layers=["fc9"], batch_size=6))
+
+
+@pytest.mark.parametrize(
+    ("settings", "error", "match"),
+    [
+        ({"methods": []}, ValueError, "empty"),
+        ({"methods": ["mbf", "mbf"]}, ValueError, "repeats"),
+        ({"lr": 0.0}, ValueError, "lr"),
+        ({"damping": float("nan")}, ValueError, "damping"),
+        ({"batch_size": 0}, ValueError, "batch_size"),
+        ({"iterations": 1.5}, ValueError, "iterations"),
+        ({"seed": -1}, ValueError, "seed"),
+        ({"layers": ["0", "0"]}, ValueError, "layers"),
+        ({"method_options": {"shampoo": {"eps": 1.0}}, "methods": ["mbf"]}, ValueError, "not"),
+        ({"method_options": {"mbf": {"eps": 1.0}}}, TypeError, "eps"),
+    ],
+)
+def test_config_validation(settings, error, match):
+    with pytest.raises(error, match=match):
+        CosineConfig(**settings)
+
+
+def test_batch_larger_than_the_data_is_refused():
+    with pytest.raises(ValueError, match="exceeds"):
+        _run(CosineConfig(batch_size=N + 1))

@@ -1,0 +1,160 @@
+"""Figures: built without pyplot, files written, mini-blocks outlined in place, smoothing."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from matplotlib import pyplot as plt  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from mbf_analysis.plotting import (  # noqa: E402
+    BLOCK_GID,
+    plot_cosines,
+    plot_heatmap_grid,
+    plot_inverse_heatmap,
+    save_figure,
+    smooth_cosines,
+)
+
+SIZES = [3, 3, 1, 1, 4]
+
+
+def _matrix(k=12, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(k, k, generator=gen, dtype=torch.float64)
+    return torch.linalg.inv(a @ a.T + 1e-2 * torch.eye(k, dtype=torch.float64))
+
+
+def _block_rectangles(ax):
+    return [p for p in ax.patches if p.get_gid() == BLOCK_GID]
+
+
+def test_heatmap_outlines_every_block_at_its_position():
+    matrix = _matrix()
+    fig = plot_inverse_heatmap(matrix, SIZES, title="fc3")
+    ax = fig.axes[0]
+    rects = _block_rectangles(ax)
+    assert len(rects) == len(SIZES)
+    offsets = np.cumsum([0, *SIZES[:-1]])
+    for rect, offset, size in zip(rects, offsets, SIZES, strict=True):
+        assert rect.get_xy() == (offset - 0.5, offset - 0.5)
+        assert rect.get_width() == size and rect.get_height() == size
+    image = ax.images[0]
+    np.testing.assert_allclose(image.get_array(), matrix.abs().numpy())
+    assert isinstance(image.norm, LogNorm)
+    assert image.norm.vmax == pytest.approx(float(matrix.abs().max()))
+    assert image.norm.vmin == pytest.approx(np.quantile(matrix.abs().numpy(), 0.01))
+    assert ax.get_title() == "fc3"
+    assert len(fig.axes) == 2  # the heatmap and its colour bar
+    assert plt.get_fignums() == []  # pyplot's global state is untouched
+
+
+def test_heatmap_draws_into_a_given_axes_with_a_linear_scale():
+    fig = Figure()
+    ax = fig.add_subplot()
+    out = plot_inverse_heatmap(
+        _matrix().numpy(), SIZES, ax, log_scale=False, colorbar=False, mark_blocks=False
+    )
+    assert out is fig and len(fig.axes) == 1
+    assert not isinstance(ax.images[0].norm, LogNorm) and ax.images[0].norm.vmin == 0
+    assert _block_rectangles(ax) == []
+
+
+def test_log_scale_spans_at_most_the_dynamic_range():
+    matrix = torch.diag(torch.tensor([1e-9, 1e-8, 1.0, 2.0]))  # zeros off the diagonal
+    fig = plot_inverse_heatmap(matrix, [2, 2], dynamic_range=1e4)
+    norm = fig.axes[0].images[0].norm
+    assert (norm.vmin, norm.vmax) == pytest.approx((2e-4, 2.0))
+
+
+def test_heatmap_refuses_sizes_that_do_not_tile():
+    with pytest.raises(ValueError, match="do not tile"):
+        plot_inverse_heatmap(_matrix(), [3, 3])
+
+
+def test_grid_has_one_panel_per_matrix(tmp_path):
+    matrices = {"conv1": _matrix(12), "ch 1": _matrix(6, seed=1), "ch 16": _matrix(4, seed=2)}
+    sizes = {"conv1": SIZES, "ch 1": [3, 3], "ch 16": [2, 2]}
+    fig = plot_heatmap_grid(matrices, sizes, ncols=2, suptitle="EFM")
+    panels = [ax for ax in fig.axes if ax.images]
+    assert [ax.get_title() for ax in panels] == list(matrices)
+    assert [len(_block_rectangles(ax)) for ax in panels] == [5, 2, 2]
+    assert sum(not ax.axison for ax in fig.axes) == 1  # the unused fourth cell
+    png, pdf = save_figure(fig, tmp_path / "sub" / "grid.v1")
+    assert png.name == "grid.v1.png" and pdf.name == "grid.v1.pdf"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+    assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 1000
+    with pytest.raises(ValueError, match="no block sizes"):
+        plot_heatmap_grid(matrices, {"conv1": SIZES})
+
+
+def _cosine_frame(negative=False, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = [
+        {
+            "iteration": it,
+            "layer": layer,
+            "method": method,
+            "cosine": rng.uniform(-0.5 if negative else 0.0, 1.0),
+            "loss": 2.0 / (1 + it),
+        }
+        for it in range(40)
+        for layer in ("fc2", "fc3", "fc4")
+        for method in ("mbf", "kfac", "sgdm")
+    ]
+    return pd.DataFrame(rows).sample(frac=1.0, random_state=seed)  # order must not matter
+
+
+def test_smoothing_equals_the_pandas_rolling_mean():
+    frame = _cosine_frame()
+    smoothed = smooth_cosines(frame, 5)
+    for (layer, method), group in frame.groupby(["layer", "method"]):
+        expected = group.sort_values("iteration").cosine.rolling(5, min_periods=1).mean()
+        got = smoothed[(smoothed.layer == layer) & (smoothed.method == method)]
+        np.testing.assert_allclose(got.smoothed.to_numpy(), expected.to_numpy())
+        assert list(got.iteration) == sorted(group.iteration)
+    raw = smooth_cosines(frame, 1)
+    np.testing.assert_allclose(raw.smoothed, raw.cosine)
+    with pytest.raises(ValueError, match="positive"):
+        smooth_cosines(frame, 0)
+    with pytest.raises(ValueError, match="lacks columns"):
+        smooth_cosines(frame.drop(columns="method"), 3)
+
+
+def test_cosine_figure_panels_lines_legend_and_range():
+    frame = _cosine_frame()
+    fig = plot_cosines(frame, smoothing=4, layers=["fc3", "fc2"], methods=["sgdm", "mbf"])
+    panels = [ax for ax in fig.axes if ax.axison]
+    assert [ax.get_title() for ax in panels] == ["fc3", "fc2", "training loss"]
+    smoothed = smooth_cosines(frame, 4)
+    for ax in panels[:2]:
+        assert ax.get_ylim() == (0.0, 1.0)
+        assert [line.get_label() for line in ax.lines] == ["sgdm", "mbf"]
+        for line in ax.lines:
+            part = smoothed[
+                (smoothed.layer == ax.get_title()) & (smoothed.method == line.get_label())
+            ]
+            np.testing.assert_allclose(line.get_ydata(), part.smoothed.to_numpy())
+            np.testing.assert_array_equal(line.get_xdata(), part.iteration.to_numpy())
+    assert panels[0].lines[0].get_color() == panels[1].lines[0].get_color()
+    loss = panels[2].lines[0]
+    np.testing.assert_allclose(loss.get_ydata(), 2.0 / (1 + np.arange(40)))
+    assert len(fig.legends) == 1
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["sgdm", "mbf"]
+
+
+def test_cosine_figure_with_negative_values_and_without_loss(tmp_path):
+    frame = _cosine_frame(negative=True).drop(columns="loss")
+    fig = plot_cosines(frame, smoothing=1)
+    panels = [ax for ax in fig.axes if ax.axison]
+    assert [ax.get_title() for ax in panels] == list(dict.fromkeys(frame.layer))
+    assert all(ax.get_ylim() == (-1.0, 1.0) for ax in panels)
+    png, pdf = save_figure(fig, tmp_path / "cosines")
+    assert png.stat().st_size > 0 and pdf.stat().st_size > 0
+    with pytest.raises(ValueError, match="methods"):
+        plot_cosines(frame, methods=["adam"])
