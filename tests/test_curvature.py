@@ -440,6 +440,15 @@ def test_layers_argument_restricts_the_result():
     model, x, y = _problem("mlp", "cross_entropy")
     got = layer_fisher(model, nn.CrossEntropyLoss(), x, y, layers=["2"])
     assert list(got) == ["2"]
+    full = layer_fisher(model, nn.CrossEntropyLoss(), x, y)
+    torch.testing.assert_close(got["2"], full["2"], rtol=1e-12, atol=1e-14)
+    # The other layers are frozen only for the pass, also when the stream is abandoned.
+    assert all(p.requires_grad for p in model.parameters())
+    rows = fisher_rows(model, nn.CrossEntropyLoss(), x, y, layers=["2"], chunk_size=2)
+    next(rows)
+    assert not model[0].weight.requires_grad
+    rows.close()
+    assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(KeyError, match=r"'nope'.*\['0', '2'\]"):
         layer_fisher(model, nn.CrossEntropyLoss(), x, y, layers=["nope"])
 

@@ -123,7 +123,17 @@ def is_exact_chain(model: nn.Module) -> bool:
 
 
 def check_finite(values: dict[str, Tensor], what: str, where: str = "") -> None:
-    """Raise :class:`NonFiniteError` naming the first tensor of ``values`` with NaN or Inf."""
+    """Raise :class:`NonFiniteError` naming the first tensor of ``values`` with NaN or Inf.
+
+    Fast path: NaN and Inf survive a sum, so one reduction per tensor and a single sync decide
+    the common all-finite case; only then (or on an overflowing sum) are tensors checked one by
+    one, to name the culprit.
+    """
+    if not values:
+        return
+    sums = torch.stack([v.sum(dtype=torch.float64) for v in values.values()])
+    if bool(torch.isfinite(sums).all()):
+        return
     for name, value in values.items():
         if not bool(torch.isfinite(value).all()):
             raise NonFiniteError(

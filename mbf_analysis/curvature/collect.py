@@ -272,4 +272,3 @@ def collect(
         kfac=recorder.factors("data") if KFAC_FACTORS in needs else None,
         kfac_sampled=recorder.factors("sampled") if KFAC_FACTORS_SAMPLED in needs else None,
     )
-

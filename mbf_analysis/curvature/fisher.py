@@ -153,7 +153,12 @@ def per_sample_grads(
             "fewer samples, layer_fisher/miniblock_fisher (which stream over the batch), or "
             "raise the budget (memory_budget=..., $MBF_MEMORY_BUDGET)."
         )
-    chunk = chunk_size or chunk_size_for(len(inputs), 2 * n_params * itemsize, budget)
+    if chunk_size is not None:
+        chunk = chunk_size
+    elif 2 * total <= budget:
+        chunk = len(inputs)  # one BackPACK pass and no concatenation
+    else:
+        chunk = chunk_size_for(len(inputs), 2 * n_params * itemsize, budget)
     loss_module = likelihood.summed_loss()
     parts: dict[str, list[Tensor]] = {}
     with extended(model, loss_module), torch.enable_grad():
@@ -164,8 +169,15 @@ def per_sample_grads(
             grads = backward_with("batch_grad", model, loss)
             check_finite(grads, "the per-sample gradient", f" (samples {start}..{stop - 1})")
             for name, g in grads.items():
-                parts.setdefault(name, []).append(g.detach() * likelihood.grad_scale)
-    return {name: torch.cat(chunks) for name, chunks in parts.items()}
+                parts.setdefault(name, []).append(_scaled(g.detach(), likelihood.grad_scale))
+    return {
+        name: chunks[0] if len(chunks) == 1 else torch.cat(chunks) for name, chunks in parts.items()
+    }
+
+
+def _scaled(tensor: Tensor, scale: float) -> Tensor:
+    """``scale · tensor``, in place on a tensor the caller owns; no copy when ``scale == 1``."""
+    return tensor if scale == 1.0 else tensor.mul_(scale)
 
 
 def _check_chunk_size(chunk_size: int | None) -> None:
@@ -225,10 +237,12 @@ def fisher_rows(
     budget = resolve_budget(memory_budget, device)
     n = len(inputs)
 
-    with torch.no_grad():
-        outputs = model(inputs) if kind == "mc" else model(inputs[:1])
-    n_outputs = outputs[0].numel()
+    n_outputs = 1
     sampled = None
+    if kind != "empirical":
+        with torch.no_grad():
+            outputs = model(inputs) if kind == "mc" else model(inputs[:1])
+        n_outputs = outputs[0].numel()
     if kind == "mc":
         sampled = [likelihood.sample_targets(outputs, generator) for _ in range(mc_samples)]
     backpack_exact = is_exact_chain(model) and not (likelihood.kind == "bce" and n_outputs > 1)
@@ -240,12 +254,54 @@ def fisher_rows(
     if exact_backend == "output_hessian":
         backpack_exact = False
 
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_params = sum(layout.dim for layout in layouts.values())
     itemsize = torch.empty(0, dtype=dtype).element_size()
     per_sample = 2 * _rows_per_sample(kind, mc_samples, n_outputs) * n_params * itemsize
     chunk = chunk_size or chunk_size_for(n, per_sample, budget)
     loss_module = likelihood.summed_loss()
 
+    # Parameters outside the selected layers are frozen for the pass, so that BackPACK and
+    # autograd skip their per-sample work; they are restored however the generator ends.
+    selected = {name for layout in layouts.values() for name in layout.param_names}
+    frozen = [p for name, p in model.named_parameters() if p.requires_grad and name not in selected]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield from _rows_by_chunk(
+            model,
+            likelihood,
+            loss_module,
+            inputs,
+            targets,
+            layouts,
+            kind,
+            chunk,
+            sampled,
+            backpack_exact,
+            n_outputs,
+            mc_samples,
+        )
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def _rows_by_chunk(
+    model: nn.Module,
+    likelihood: Likelihood,
+    loss_module: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    layouts: dict[str, LayerLayout],
+    kind: str,
+    chunk: int,
+    sampled: list[Tensor] | None,
+    backpack_exact: bool,
+    n_outputs: int,
+    mc_samples: int,
+) -> Iterator[dict[str, Tensor]]:
+    """The chunk loop of :func:`fisher_rows`: module name → ``[R, d]`` rows per chunk."""
+    n = len(inputs)
     with extended(model, loss_module), torch.enable_grad():
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
@@ -279,7 +335,7 @@ def fisher_rows(
                 )
                 scale = likelihood.grad_scale / mc_samples**0.5
             yield {
-                name: (layout.flatten(factors).detach() * scale).flatten(0, 1)
+                name: _scaled(layout.flatten(factors).detach(), scale).flatten(0, 1)
                 for name, layout in layouts.items()
             }
 
