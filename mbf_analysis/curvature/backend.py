@@ -131,7 +131,7 @@ def check_finite(values: dict[str, Tensor], what: str, where: str = "") -> None:
     """
     if not values:
         return
-    sums = torch.stack([v.sum(dtype=torch.float64) for v in values.values()])
+    sums = torch.stack([v.sum() for v in values.values()])
     if bool(torch.isfinite(sums).all()):
         return
     for name, value in values.items():
