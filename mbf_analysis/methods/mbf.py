@@ -55,6 +55,7 @@ from mbf_analysis.methods.base import (
 )
 
 __all__ = [
+    "BlockMode",
     "MBFConfig",
     "MBF",
     "BlockPlan",

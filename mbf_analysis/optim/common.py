@@ -1,0 +1,353 @@
+"""What the optimizer front-ends share: placing parameters, validating settings, applying steps.
+
+- :func:`place` pairs every optimized parameter with its layer through
+  :func:`~mbf_analysis.layout.layout_of` (so that a Linear weight and its bias form the
+  mini-blocks ``[W[j, :], b[j]]``), and gives parameters without a layout a synthetic one-parameter
+  layout flagged as a *fallback*;
+- ``check_*`` validate hyper-parameters with messages that name the setting and the group;
+- :func:`check_gradients` refuses NaN/Inf gradients (naming the parameter) before any state changes;
+- :func:`decoupled_update_` applies ``θ ← (1 − αγ) θ`` then ``θ ← θ − α d`` with
+  ``torch._foreach_*`` kernels.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from mbf_analysis.errors import NonFiniteError, UnsupportedModuleError
+from mbf_analysis.layout import BlockGroup, LayerLayout, layout_of
+
+__all__ = [
+    "CheckedLoad",
+    "PlacedLayer",
+    "Placement",
+    "place",
+    "check_number",
+    "check_period",
+    "check_choice",
+    "check_bool",
+    "check_params",
+    "check_gradients",
+    "group_gradients",
+    "decoupled_update_",
+    "resolve_params",
+    "warn_fallback",
+]
+
+
+@dataclass(frozen=True, eq=False)
+class PlacedLayer:
+    """One layer (or one fallback parameter) and the parameter group that holds it.
+
+    Attributes:
+        layout: The layer's mini-block layout; for a fallback parameter a synthetic layout of
+            kind ``"diagonal"`` with one parameter and one block group of ``numel`` size-1
+            blocks keyed by the parameter's name.
+        group: Index of the parameter group that holds every parameter of the layer.
+        params: The parameters, in ``layout.param_names`` order.
+        fallback: Whether the layer is a fallback parameter (no layout of its own).
+        module: The module owning the parameters (``None`` for a fallback parameter).
+    """
+
+    layout: LayerLayout
+    group: int
+    params: tuple[Tensor, ...]
+    fallback: bool
+    module: nn.Module | None
+
+    @property
+    def name(self) -> str:
+        """The layer's name (module name, or parameter name for a fallback)."""
+        return self.layout.name
+
+    def named_params(self) -> list[tuple[str, Tensor]]:
+        """``(qualified name, parameter)`` pairs in layout order."""
+        return list(zip(self.layout.param_names, self.params, strict=True))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where every optimized parameter sits.
+
+    Attributes:
+        layers: Placed layers in model order (fallback parameters where their module appears).
+        names: Parameter → its qualified name in the model.
+        fallback_reasons: Fallback parameter name → why it has no layout.
+    """
+
+    layers: tuple[PlacedLayer, ...]
+    names: dict[Tensor, str]
+    fallback_reasons: dict[str, str]
+
+
+def _fallback_layout(name: str, param: Tensor) -> LayerLayout:
+    numel = param.numel()
+    return LayerLayout(
+        name, "diagonal", (name,), (tuple(param.shape),), (BlockGroup(name, numel, 1, 0),)
+    )
+
+
+def place(model: nn.Module, param_groups: Sequence[Mapping[str, Any]], owner: str) -> Placement:
+    """Pair the optimized parameters with their layers.
+
+    A module's parameters form one placed layer when the module has a layout
+    (:data:`~mbf_analysis.layout.SUPPORTED_MODULES`), all of its parameters are optimized and none
+    is shared with a module met earlier. Otherwise each of its optimized parameters is a fallback
+    (a parameter shared by several modules stays with the first one, in ``named_modules`` order).
+
+    Args:
+        model: The model whose parameters are optimized.
+        param_groups: The optimizer's parameter groups (dicts with ``"params"``).
+        owner: The optimizer's name, for messages.
+
+    Returns:
+        The :class:`Placement`.
+
+    Raises:
+        ValueError: If a parameter is not a parameter of ``model``, or the parameters of one
+            layer are spread over several parameter groups.
+    """
+    group_of = {p: i for i, g in enumerate(param_groups) for p in g["params"]}
+    names = {p: n for n, p in model.named_parameters() if p in group_of}
+    stray = [i for p, i in group_of.items() if p not in names]
+    if stray:
+        raise ValueError(
+            f"{owner}: {len(stray)} optimized parameter(s) (in param group(s) "
+            f"{sorted(set(stray))}) are not parameters of the model; pass the model whose "
+            "parameters are optimized."
+        )
+    layers: list[PlacedLayer] = []
+    reasons: dict[str, str] = {}
+    claimed: set[Tensor] = set()
+    for module_name, module in model.named_modules():
+        own = [p for _, p in module.named_parameters(recurse=False)]
+        mine = [p for p in own if p in group_of and p not in claimed]
+        if not mine:
+            continue
+        try:
+            layout = layout_of(module_name, module)
+            reason = None
+        except UnsupportedModuleError:
+            layout, reason = None, f"{type(module).__name__} has no mini-block layout"
+        if layout is not None and len(mine) < len(own):
+            layout, reason = None, f"only some parameters of {type(module).__name__} are optimized"
+        if layout is None:
+            for p in mine:
+                reasons[names[p]] = reason
+                fake = _fallback_layout(names[p], p)
+                layers.append(PlacedLayer(fake, group_of[p], (p,), True, None))
+                claimed.add(p)
+            continue
+        by_name = dict(module.named_parameters(recurse=False))
+        prefix = f"{module_name}." if module_name else ""
+        params = tuple(by_name[n.removeprefix(prefix)] for n in layout.param_names)
+        groups = {group_of[p] for p in params}
+        if len(groups) > 1:
+            listing = ", ".join(f"'{names[p]}' in group {group_of[p]}" for p in params)
+            raise ValueError(
+                f"{owner}: the parameters of layer '{module_name}' ({type(module).__name__}) are "
+                f"in different param groups ({listing}); a weight and its bias share mini-blocks "
+                "and must be in the same param group."
+            )
+        layers.append(PlacedLayer(layout, group_of[params[0]], params, False, module))
+        claimed.update(params)
+    return Placement(tuple(layers), names, reasons)
+
+
+def warn_fallback(owner: str, reasons: Mapping[str, str], treatment: str) -> None:
+    """One warning listing every fallback parameter and why it has no layout."""
+    if not reasons:
+        return
+    listing = "; ".join(f"'{name}' ({why})" for name, why in reasons.items())
+    warnings.warn(
+        f"{owner}: {len(reasons)} parameter(s) have no mini-block layout and fall back to "
+        f"{treatment}: {listing}.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+# ----------------------------------------------------------------------------- validation
+def _where(owner: str, group: int | None) -> str:
+    return owner if group is None else f"{owner} (param group {group})"
+
+
+def check_number(
+    owner: str,
+    group: int | None,
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite real number in the given interval."""
+    where = _where(owner, group)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{where}: {name} must be a finite number, got {value!r}.")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        raise ValueError(f"{where}: {name} must lie in {left}{lo}, {hi}{right}, got {value!r}.")
+
+
+def check_period(owner: str, group: int | None, name: str, value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is an integer ``≥ 1``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"{_where(owner, group)}: {name} must be a positive integer (a period in steps), "
+            f"got {value!r}."
+        )
+
+
+def check_choice(owner: str, name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{owner}: {name} must be one of {choices}, got {value!r}.")
+
+
+def check_bool(owner: str, group: int | None, name: str, value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is a bool."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{_where(owner, group)}: {name} must be True or False, got {value!r}.")
+
+
+def resolve_params(
+    model: nn.Module, params: Iterable[Tensor] | Iterable[dict[str, Any]] | None, owner: str
+) -> list[Tensor] | list[dict[str, Any]]:
+    """The ``params`` argument of ``torch.optim.Optimizer``: default, the trainable parameters.
+
+    Raises:
+        TypeError: If ``model`` is not an ``nn.Module``.
+        ValueError: If there is nothing to optimize, or a parameter is not float32/float64.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{owner}: model must be an nn.Module, got {type(model).__name__}.")
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+    params = list(params)
+    if not params:
+        raise ValueError(f"{owner}: no parameters to optimize.")
+    tensors = [t for item in params for t in (item["params"] if isinstance(item, dict) else [item])]
+    check_params(owner, tensors)
+    return params
+
+
+def check_params(owner: str, params: Sequence[Tensor]) -> None:
+    """Raise for parameters that are not float32 or float64 or that appear twice.
+
+    Raises:
+        TypeError: For a dtype other than float32 and float64.
+        ValueError: For a duplicate.
+    """
+    if len({id(p) for p in params}) != len(params):
+        raise ValueError(f"{owner}: a parameter appears twice in the parameters to optimize.")
+    for p in params:
+        if isinstance(p, Tensor) and p.dtype not in (torch.float32, torch.float64):
+            raise TypeError(
+                f"{owner}: parameters must be float32 or float64, got {p.dtype} for a parameter "
+                f"of shape {tuple(p.shape)}."
+            )
+
+
+# ----------------------------------------------------------------------------- gradients
+def group_gradients(owner: str, group: Mapping[str, Any], names: Mapping[Tensor, str]) -> bool:
+    """Whether a parameter group takes part in this step.
+
+    Returns:
+        ``True`` if every parameter of the group has a gradient, ``False`` if none has.
+
+    Raises:
+        RuntimeError: If only some have one (the others are named), or a gradient is sparse.
+    """
+    params = group["params"]
+    missing = [names.get(p, "?") for p in params if p.grad is None]
+    if len(missing) == len(params):
+        return False
+    if missing:
+        raise RuntimeError(
+            f"{owner}: parameter(s) {missing} have no gradient while the others of their param "
+            "group do; the group's blocks are updated together. Freeze unused parameters "
+            "(requires_grad=False) or put them in a separate param group."
+        )
+    sparse = [names.get(p, "?") for p in params if p.grad.is_sparse]
+    if sparse:
+        raise RuntimeError(f"{owner}: sparse gradients are not supported (parameters {sparse}).")
+    return True
+
+
+def check_gradients(
+    owner: str, grads: Mapping[Tensor, Tensor], names: Mapping[Tensor, str], what: str = "gradient"
+) -> None:
+    """Raise :class:`~mbf_analysis.errors.NonFiniteError` naming the first non-finite tensor.
+
+    Args:
+        owner: The optimizer's name, for the message.
+        grads: Parameter → its gradient (or any tensor shaped like it).
+        names: Parameter → name.
+        what: What the tensors are, for the message.
+    """
+    for p, g in grads.items():
+        if not bool(torch.isfinite(g).all()):
+            raise NonFiniteError(
+                f"{owner}: the {what} of parameter '{names.get(p, '?')}' contains NaN or Inf; "
+                "the step was refused and no parameter or state was changed. Check the inputs, "
+                "the learning rate and the loss."
+            )
+
+
+def decoupled_update_(
+    params: Sequence[Tensor], directions: Sequence[Tensor], lr: float, weight_decay: float
+) -> None:
+    """``θ ← (1 − αγ) θ`` then ``θ ← θ − α d`` for every parameter (decoupled weight decay).
+
+    Args:
+        params: ``θ``, updated in place.
+        directions: ``d``, shaped like ``params``.
+        lr: ``α``.
+        weight_decay: ``γ``.
+    """
+    with torch.no_grad():
+        if weight_decay != 0:
+            torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+        torch._foreach_add_(params, directions, alpha=-lr)
+
+
+class CheckedLoad(Optimizer):
+    """``load_state_dict`` that deep-copies its input and rolls back if the result is invalid.
+
+    Subclasses implement :meth:`_after_load`, which validates the loaded settings and state and
+    raises ``ValueError`` to refuse them; the optimizer then keeps its previous state.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by ``state_dict()`` (never aliased with the source).
+
+        Raises:
+            ValueError: If :meth:`_after_load` refuses the loaded state (nothing changes).
+        """
+        previous = {"state": self.state, "param_groups": self.param_groups}
+        super().load_state_dict(copy.deepcopy(state_dict))
+        try:
+            self._after_load()
+        except Exception:
+            Optimizer.__setstate__(self, previous)
+            raise
+
+    def _after_load(self) -> None:
+        """Validate the loaded settings and state; raise ``ValueError`` to refuse them."""
+        raise NotImplementedError

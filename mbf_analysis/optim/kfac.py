@@ -1,0 +1,338 @@
+r"""KFAC / KFC as a ``torch.optim.Optimizer`` (Martens & Grosse 2015; Grosse & Martens 2016).
+
+The formulas of :mod:`mbf_analysis.methods.kfac` with the factors of
+:mod:`mbf_analysis.curvature.kfac` (their scaling is stated there). The optimizer registers its
+own hooks on the model's ``nn.Linear`` and ``nn.Conv2d`` layers: on the forward and backward
+passes before a statistics step (``k ≡ 0 mod T1``) a forward hook turns the layer input into
+``A_batch`` (:func:`~mbf_analysis.curvature.kfac.input_factor`) and a tensor hook on the output
+turns its gradient into ``G_batch`` (:func:`~mbf_analysis.curvature.kfac.output_factor`, with
+``δ = m · ∂L/∂s``: the loss must be the **mean** of the per-sample losses over the ``m`` samples
+of the batch). Several forward/backward passes before one step (gradient accumulation) are
+averaged. Hooks record nothing under ``torch.no_grad()`` or on other steps. At step ``k``:
+
+.. math::
+
+    m &\leftarrow \mu m + (1 - \tau) g \quad (m = g \text{ at } k = 0), \\
+    A &\leftarrow \beta A + (1 - \beta) A_{\mathrm{batch}}, \quad
+    G \leftarrow \beta G + (1 - \beta) G_{\mathrm{batch}} \quad (k \equiv 0 \bmod T_1),
+
+inverses refreshed when ``k ≡ 0 (mod T2)``, and for the momentum matrix ``M̄ = [M b]``:
+
+- ``damping_mode="split"``: ``D = (G + π⁻¹√λ I)⁻¹ M̄ (A + π√λ I)⁻¹``;
+- ``damping_mode="eigen"``: ``vec D = (A ⊗ G + λI)⁻¹ vec M̄``;
+
+then ``θ ← (1 − αγ) θ − α d``. ``G`` comes from the backward pass the user runs, so this is the
+*empirical* KFAC (real labels); the true-Fisher variant (sampled labels) is in
+:mod:`mbf_analysis.methods`. Layers without Kronecker factors (normalization layers, grouped
+convolutions, parameters without a layout) use ``d = m`` (the paper's choice for BatchNorm);
+one warning lists those that are not normalization layers.
+
+Under ``torch.distributed`` the batch factors are averaged over the processes before the EMA
+(with equal local batch sizes this gives the factors of the combined batch).
+
+State: every parameter ``"step"``, ``"momentum_buffer"``; the weight of a factored layer also
+``"A"``, ``"G"`` and the cached inverse (``"q_a"``, ``"w_a"``, ``"q_g"``, ``"w_g"`` or ``"p_a"``,
+``"p_g"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from mbf_analysis.curvature.kfac import (
+    KFAC_MODULES,
+    EigenInverse,
+    SplitInverse,
+    apply_eigen_inverse,
+    apply_split_inverse,
+    check_kfac_module,
+    eigen_inverse,
+    from_matrix,
+    input_factor,
+    output_factor,
+    split_inverse,
+    to_matrix,
+)
+from mbf_analysis.errors import NonFiniteError, UnsupportedModuleError
+from mbf_analysis.methods.base import momentum_
+from mbf_analysis.optim.common import (
+    CheckedLoad,
+    PlacedLayer,
+    check_choice,
+    check_gradients,
+    check_number,
+    check_params,
+    check_period,
+    decoupled_update_,
+    group_gradients,
+    place,
+    resolve_params,
+    warn_fallback,
+)
+
+__all__ = ["KFAC"]
+
+
+@dataclass(eq=False)
+class _Record:
+    """Sums of the batch factors of one layer since the last step."""
+
+    layer: PlacedLayer
+    a_sum: Tensor | None = None
+    a_count: int = 0
+    g_sum: Tensor | None = None
+    g_count: int = 0
+
+    def clear(self) -> None:
+        self.a_sum, self.a_count, self.g_sum, self.g_count = None, 0, None, 0
+
+
+def _add(total: Tensor | None, value: Tensor) -> Tensor:
+    return value if total is None else total + value
+
+
+class KFAC(CheckedLoad):
+    """Empirical KFAC / KFC with momentum and decoupled weight decay (module docstring).
+
+    Args:
+        model: The model; the optimizer hooks its Linear and Conv2d layers (remove the hooks
+            with :meth:`remove_hooks`).
+        lr: ``α ≥ 0`` (per group).
+        damping: ``λ > 0`` (per group).
+        damping_mode: ``"split"`` or ``"eigen"`` (per group).
+        momentum: ``μ ∈ [0, 1)`` (per group).
+        dampening: ``τ ∈ [0, 1]`` (per group).
+        stat_decay: ``β ∈ [0, 1)`` of ``A`` and ``G`` (per group).
+        weight_decay: Decoupled ``γ ≥ 0`` (per group).
+        stat_period: ``T1 ≥ 1`` (per group).
+        inverse_period: ``T2 ≥ 1`` (per group).
+        params: Parameters or groups (default: the model's trainable parameters); a layer's
+            weight and bias must be in the same group.
+
+    Raises:
+        TypeError: If ``model`` is not a module or a parameter is not float32/float64.
+        ValueError: For an invalid setting or a layer split over several groups.
+    """
+
+    OWNER = "KFAC"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        *,
+        damping: float = 0.003,
+        damping_mode: Literal["split", "eigen"] = "split",
+        momentum: float = 0.9,
+        dampening: float = 0.0,
+        stat_decay: float = 0.9,
+        weight_decay: float = 0.0,
+        stat_period: int = 10,
+        inverse_period: int = 100,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
+    ) -> None:
+        self._model = model
+        self._ready = False
+        self._warned: set[str] = set()
+        self._records: dict[str, _Record] = {}
+        self._handles: list[RemovableHandle] = []
+        defaults = {
+            "lr": lr,
+            "damping": damping,
+            "damping_mode": damping_mode,
+            "momentum": momentum,
+            "dampening": dampening,
+            "stat_decay": stat_decay,
+            "weight_decay": weight_decay,
+            "stat_period": stat_period,
+            "inverse_period": inverse_period,
+        }
+        self._check_settings(defaults, None)
+        super().__init__(resolve_params(model, params, self.OWNER), defaults)
+        self._ready = True
+        self._refresh_placement()
+
+    def _check_settings(self, group: dict[str, Any], index: int | None) -> None:
+        owner = self.OWNER
+        check_number(owner, index, "lr", group["lr"], low=0.0)
+        check_number(owner, index, "damping", group["damping"], low=0.0, low_open=True)
+        check_choice(owner, "damping_mode", group["damping_mode"], ("split", "eigen"))
+        check_number(owner, index, "momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
+        check_number(owner, index, "dampening", group["dampening"], low=0.0, high=1.0)
+        check_number(
+            owner, index, "stat_decay", group["stat_decay"], low=0.0, high=1.0, high_open=True
+        )
+        check_number(owner, index, "weight_decay", group["weight_decay"], low=0.0)
+        check_period(owner, index, "stat_period", group["stat_period"])
+        check_period(owner, index, "inverse_period", group["inverse_period"])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group (validated; its layers must not be split with other groups)."""
+        super().add_param_group(param_group)
+        try:
+            group = self.param_groups[-1]
+            check_params(self.OWNER, group["params"])
+            self._check_settings(group, len(self.param_groups) - 1)
+            if self._ready:
+                self._refresh_placement()
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def _refresh_placement(self) -> None:
+        """Place the parameters, (re)register the hooks, warn once about unfactored layers."""
+        placement = place(self._model, self.param_groups, self.OWNER)
+        self._names = placement.names
+        self._layers = placement.layers
+        reasons = dict(placement.fallback_reasons)
+        self.remove_hooks()
+        self._records = {}
+        for layer in self._layers:
+            module = layer.module
+            if layer.fallback or not isinstance(module, KFAC_MODULES):
+                continue
+            try:
+                check_kfac_module(layer.name, module)
+            except UnsupportedModuleError as error:
+                reasons.update({self._names[p]: str(error) for p in layer.params})
+                continue
+            record = _Record(layer)
+            self._records[layer.name] = record
+            self._handles.append(module.register_forward_hook(partial(self._forward, record)))
+        new = {n: r for n, r in reasons.items() if n not in self._warned}
+        warn_fallback(self.OWNER, new, "the momentum direction d = m")
+        self._warned |= set(new)
+
+    def remove_hooks(self) -> None:
+        """Remove the optimizer's hooks from the model (statistics steps then fail: no factors)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _due(self, group: int) -> bool:
+        params = self.param_groups[group]["params"]
+        step = self.state[params[0]].get("step", 0)
+        return step % self.param_groups[group]["stat_period"] == 0
+
+    def _forward(self, record: _Record, module: nn.Module, args: tuple, output: Tensor) -> None:
+        if not torch.is_grad_enabled() or not self._due(record.layer.group):
+            return
+        x = args[0]
+        record.a_sum = _add(record.a_sum, input_factor(module, x.detach()))
+        record.a_count += 1
+        if output.requires_grad:
+            output.register_hook(partial(self._backward, record, module, x.shape[0]))
+
+    def _backward(self, record: _Record, module: nn.Module, batch: int, grad: Tensor) -> None:
+        record.g_sum = _add(record.g_sum, output_factor(module, grad.detach() * batch))
+        record.g_count += 1
+
+    def _after_load(self) -> None:
+        """Validate the loaded settings."""
+        for index, group in enumerate(self.param_groups):
+            self._check_settings(group, index)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One KFAC step for every group whose parameters have gradients.
+
+        Raises:
+            NonFiniteError: If a gradient or a batch factor holds NaN/Inf (nothing changes).
+            RuntimeError: If no factors were recorded before a statistics step.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        active = [
+            i
+            for i, g in enumerate(self.param_groups)
+            if group_gradients(self.OWNER, g, self._names)
+        ]
+        batch = self._batch_factors(active)
+        for index in active:
+            params = self.param_groups[index]["params"]
+            check_gradients(self.OWNER, {p: p.grad for p in params}, self._names)
+        for index in active:
+            self._step_group(index, batch)
+        for record in self._records.values():
+            record.clear()
+        return loss
+
+    def _batch_factors(self, active: list[int]) -> dict[str, tuple[Tensor, Tensor]]:
+        """Layer → ``(A_batch, G_batch)`` for the groups due for statistics (checked, reduced)."""
+        out = {}
+        for record in self._records.values():
+            index = record.layer.group
+            if index not in active or not self._due(index):
+                continue
+            if record.a_count == 0 or record.g_count == 0:
+                raise RuntimeError(
+                    f"{self.OWNER}: no layer input or output gradient was recorded for layer "
+                    f"'{record.layer.name}' before a statistics step; run the forward and backward "
+                    "passes (with gradients enabled) between step() calls."
+                )
+            a, g = record.a_sum / record.a_count, record.g_sum / record.g_count
+            if dist.is_available() and dist.is_initialized():
+                world = dist.get_world_size()
+                for factor in (a, g):
+                    dist.all_reduce(factor)
+                    factor.div_(world)
+            if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(g).all())):
+                raise NonFiniteError(
+                    f"{self.OWNER}: the Kronecker factors of layer '{record.layer.name}' contain "
+                    "NaN or Inf; the step was refused and nothing was changed."
+                )
+            out[record.layer.name] = (a, g)
+        return out
+
+    def _step_group(self, index: int, batch: dict[str, tuple[Tensor, Tensor]]) -> None:
+        group = self.param_groups[index]
+        k = self.state[group["params"][0]].get("step", 0)
+        beta, lam = group["stat_decay"], group["damping"]
+        for p in group["params"]:
+            state = self.state[p]
+            buf = state["momentum_buffer"] if k > 0 else None
+            state["momentum_buffer"] = momentum_(buf, p.grad, group["momentum"], group["dampening"])
+        directions: dict[Tensor, Tensor] = {}
+        for layer in self._layers:
+            if layer.group != index:
+                continue
+            momenta = {n: self.state[p]["momentum_buffer"] for n, p in layer.named_params()}
+            if layer.name not in self._records:
+                directions.update({p: momenta[n] for n, p in layer.named_params()})
+                continue
+            state = self.state[layer.params[0]]
+            if layer.name in batch:
+                for key, value in zip(("A", "G"), batch[layer.name], strict=True):
+                    if key not in state:
+                        state[key] = torch.zeros_like(value)
+                    state[key].mul_(beta).add_(value, alpha=1 - beta)
+            if k % group["inverse_period"] == 0:
+                if group["damping_mode"] == "eigen":
+                    state.update(eigen_inverse(state["A"], state["G"])._asdict())
+                else:
+                    state.update(split_inverse(state["A"], state["G"], lam)._asdict())
+            layout = layer.layout
+            matrix = to_matrix(layout, layout.flatten(momenta))
+            if group["damping_mode"] == "eigen":
+                inverse = EigenInverse(state["q_a"], state["w_a"], state["q_g"], state["w_g"])
+                solved = apply_eigen_inverse(inverse, matrix, lam)
+            else:
+                solved = apply_split_inverse(SplitInverse(state["p_a"], state["p_g"]), matrix)
+            parts = layout.unflatten(from_matrix(layout, solved))
+            directions.update({p: parts[n] for n, p in layer.named_params()})
+        params = group["params"]
+        decoupled_update_(
+            params, [directions[p] for p in params], group["lr"], group["weight_decay"]
+        )
+        for p in params:
+            self.state[p]["step"] = k + 1
