@@ -28,6 +28,8 @@ from mbf_analysis.layout import BlockGroup, LayerLayout, layout_of
 
 __all__ = [
     "CheckedLoad",
+    "PlacedOptimizer",
+    "check_curvature_settings",
     "PlacedLayer",
     "Placement",
     "place",
@@ -226,6 +228,21 @@ def check_bool(owner: str, group: int | None, name: str, value: Any) -> None:
         raise ValueError(f"{_where(owner, group)}: {name} must be True or False, got {value!r}.")
 
 
+def check_curvature_settings(owner: str, group: Mapping[str, Any], index: int | None) -> None:
+    """Validate the settings every curvature optimizer shares.
+
+    ``lr ≥ 0``, ``momentum ∈ [0, 1)``, ``dampening ∈ [0, 1]``, ``stat_decay ∈ [0, 1)``,
+    ``weight_decay ≥ 0`` and the periods ``stat_period, inverse_period ≥ 1``.
+    """
+    check_number(owner, index, "lr", group["lr"], low=0.0)
+    check_number(owner, index, "momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
+    check_number(owner, index, "dampening", group["dampening"], low=0.0, high=1.0)
+    check_number(owner, index, "stat_decay", group["stat_decay"], low=0.0, high=1.0, high_open=True)
+    check_number(owner, index, "weight_decay", group["weight_decay"], low=0.0)
+    check_period(owner, index, "stat_period", group["stat_period"])
+    check_period(owner, index, "inverse_period", group["inverse_period"])
+
+
 def resolve_params(
     model: nn.Module, params: Iterable[Tensor] | Iterable[dict[str, Any]] | None, owner: str
 ) -> list[Tensor] | list[dict[str, Any]]:
@@ -350,4 +367,34 @@ class CheckedLoad(Optimizer):
 
     def _after_load(self) -> None:
         """Validate the loaded settings and state; raise ``ValueError`` to refuse them."""
+        raise NotImplementedError
+
+
+class PlacedOptimizer(CheckedLoad):
+    """An optimizer whose parameters are placed on the model's layers (:func:`place`).
+
+    Subclasses set ``OWNER``, implement :meth:`_check_settings` and :meth:`_refresh_placement`,
+    and set ``self._ready = True`` once their constructor has built the placement.
+    """
+
+    OWNER = "optimizer"
+    _ready = False
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group (validated; its layers must not be split with other groups)."""
+        super().add_param_group(param_group)
+        try:
+            group = self.param_groups[-1]
+            check_params(self.OWNER, group["params"])
+            self._check_settings(group, len(self.param_groups) - 1)
+            if self._ready:
+                self._refresh_placement()
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def _check_settings(self, group: Mapping[str, Any], index: int | None) -> None:
+        raise NotImplementedError
+
+    def _refresh_placement(self) -> None:
         raise NotImplementedError

@@ -64,13 +64,12 @@ from mbf_analysis.curvature.kfac import (
 from mbf_analysis.errors import NonFiniteError, UnsupportedModuleError
 from mbf_analysis.methods.base import momentum_
 from mbf_analysis.optim.common import (
-    CheckedLoad,
     PlacedLayer,
+    PlacedOptimizer,
     check_choice,
+    check_curvature_settings,
     check_gradients,
     check_number,
-    check_params,
-    check_period,
     decoupled_update_,
     group_gradients,
     place,
@@ -99,7 +98,7 @@ def _add(total: Tensor | None, value: Tensor) -> Tensor:
     return value if total is None else total + value
 
 
-class KFAC(CheckedLoad):
+class KFAC(PlacedOptimizer):
     """Empirical KFAC / KFC with momentum and decoupled weight decay (module docstring).
 
     Args:
@@ -140,7 +139,6 @@ class KFAC(CheckedLoad):
         params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
     ) -> None:
         self._model = model
-        self._ready = False
         self._warned: set[str] = set()
         self._records: dict[str, _Record] = {}
         self._handles: list[RemovableHandle] = []
@@ -162,30 +160,9 @@ class KFAC(CheckedLoad):
 
     def _check_settings(self, group: dict[str, Any], index: int | None) -> None:
         owner = self.OWNER
-        check_number(owner, index, "lr", group["lr"], low=0.0)
+        check_curvature_settings(owner, group, index)
         check_number(owner, index, "damping", group["damping"], low=0.0, low_open=True)
         check_choice(owner, "damping_mode", group["damping_mode"], ("split", "eigen"))
-        check_number(owner, index, "momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
-        check_number(owner, index, "dampening", group["dampening"], low=0.0, high=1.0)
-        check_number(
-            owner, index, "stat_decay", group["stat_decay"], low=0.0, high=1.0, high_open=True
-        )
-        check_number(owner, index, "weight_decay", group["weight_decay"], low=0.0)
-        check_period(owner, index, "stat_period", group["stat_period"])
-        check_period(owner, index, "inverse_period", group["inverse_period"])
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group (validated; its layers must not be split with other groups)."""
-        super().add_param_group(param_group)
-        try:
-            group = self.param_groups[-1]
-            check_params(self.OWNER, group["params"])
-            self._check_settings(group, len(self.param_groups) - 1)
-            if self._ready:
-                self._refresh_placement()
-        except Exception:
-            self.param_groups.pop()
-            raise
 
     def _refresh_placement(self) -> None:
         """Place the parameters, (re)register the hooks, warn once about unfactored layers."""

@@ -91,13 +91,13 @@ from mbf_analysis.linalg import damped_inverse
 from mbf_analysis.methods.base import momentum_
 from mbf_analysis.methods.mbf import BlockMode, BlockPlan, plan_blocks
 from mbf_analysis.optim.common import (
-    CheckedLoad,
     PlacedLayer,
+    PlacedOptimizer,
     check_bool,
     check_choice,
+    check_curvature_settings,
     check_gradients,
     check_number,
-    check_params,
     check_period,
     decoupled_update_,
     group_gradients,
@@ -203,7 +203,7 @@ class _Bucket:
         return [slot.view(matrix[rows]) for run, rows, _ in self.runs for slot in run.slots]
 
 
-class MBF(CheckedLoad):
+class MBF(PlacedOptimizer):
     r"""Mini-Block Fisher (Algorithm 2 of the paper; module docstring for the formulas).
 
     Example::
@@ -278,7 +278,6 @@ class MBF(CheckedLoad):
         self._spatial_threshold = spatial_threshold
         self._fallback: BlockMode = "blocks" if fallback == "diagonal" else "adam"
         self.implementation = implementation
-        self._ready = False
         self._warned: set[str] = set()
         self._runs: list[list[_Run]] = []
         self._buckets: list[list[_Bucket]] | None = None
@@ -302,30 +301,9 @@ class MBF(CheckedLoad):
     def _check_settings(self, group: Mapping[str, Any], index: int | None) -> None:
         """Validate the per-group settings (module docstring and class Args)."""
         owner = self.OWNER
-        check_number(owner, index, "lr", group["lr"], low=0.0)
+        check_curvature_settings(owner, group, index)
         check_number(owner, index, "damping", group["damping"], low=0.0, low_open=True)
-        check_number(owner, index, "momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
-        check_number(owner, index, "dampening", group["dampening"], low=0.0, high=1.0)
-        check_number(
-            owner, index, "stat_decay", group["stat_decay"], low=0.0, high=1.0, high_open=True
-        )
-        check_number(owner, index, "weight_decay", group["weight_decay"], low=0.0)
-        check_period(owner, index, "stat_period", group["stat_period"])
-        check_period(owner, index, "inverse_period", group["inverse_period"])
         check_bool(owner, index, "true_fisher", group["true_fisher"])
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group (validated; its layers must not be split with other groups)."""
-        super().add_param_group(param_group)
-        try:
-            group = self.param_groups[-1]
-            check_params(self.OWNER, group["params"])
-            self._check_settings(group, len(self.param_groups) - 1)
-            if self._ready:
-                self._refresh_placement()
-        except Exception:
-            self.param_groups.pop()
-            raise
 
     def _refresh_placement(self) -> None:
         """Place the parameters, build the block runs, warn once about fallbacks."""

@@ -32,10 +32,10 @@ from mbf_analysis.methods.shampoo import mode_product, tensor_dims
 from mbf_analysis.optim.common import (
     CheckedLoad,
     check_choice,
+    check_curvature_settings,
     check_gradients,
     check_number,
     check_params,
-    check_period,
     decoupled_update_,
     group_gradients,
 )
@@ -100,16 +100,8 @@ class Shampoo(CheckedLoad):
 
     def _check_settings(self, group: dict[str, Any], index: int | None) -> None:
         owner = self.OWNER
-        check_number(owner, index, "lr", group["lr"], low=0.0)
+        check_curvature_settings(owner, group, index)
         check_number(owner, index, "eps", group["eps"], low=0.0)
-        check_number(owner, index, "momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
-        check_number(owner, index, "dampening", group["dampening"], low=0.0, high=1.0)
-        check_number(
-            owner, index, "stat_decay", group["stat_decay"], low=0.0, high=1.0, high_open=True
-        )
-        check_number(owner, index, "weight_decay", group["weight_decay"], low=0.0)
-        check_period(owner, index, "stat_period", group["stat_period"])
-        check_period(owner, index, "inverse_period", group["inverse_period"])
         check_choice(owner, "root_method", group["root_method"], ("newton", "eigh"))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
