@@ -202,7 +202,14 @@ def test_freezing_is_temporary_and_changes_nothing():
     subsets = [s for s, _ in _subsets_cnn(model)][1:]
     frozen = inverse_fisher_heatmaps(model, nn.CrossEntropyLoss(), x, y, subsets)
     assert [p.requires_grad for p in model.parameters()] == flags
-    full = inverse_fisher_heatmaps(model, nn.CrossEntropyLoss(), x, y, subsets, freeze_others=False)
+    # Analysing a whole-layer subset of every layer leaves nothing to freeze.
+    params = dict(model.named_parameters())
+    every_layer = [
+        ParameterSubset.whole_layer(layout)
+        for layout in model_layouts(model).values()
+        if all(params[n].requires_grad for n in layout.param_names)
+    ]
+    full = inverse_fisher_heatmaps(model, nn.CrossEntropyLoss(), x, y, subsets + every_layer)
     for label in frozen.matrices["empirical"]:
         torch.testing.assert_close(
             frozen.matrices["empirical"][label], full.matrices["empirical"][label]

@@ -25,8 +25,7 @@ Index conventions: ``N`` samples, ``R`` factor rows of a chunk, ``d`` parameters
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -186,26 +185,6 @@ class InverseHeatmaps:
     summary: pd.DataFrame
 
 
-@contextmanager
-def _only_trainable(model: nn.Module, layers: set[str]) -> Iterator[None]:
-    """Temporarily set ``requires_grad=False`` on every parameter outside ``layers``.
-
-    Per-sample gradients of the kept layers are unchanged (they do not depend on whether other
-    parameters require gradients), but BackPACK then computes and stores nothing for the rest:
-    for the Simple CNN this skips the 3.2M per-sample gradients of ``fc1``. The flags are
-    restored on exit, also after an error.
-    """
-    keep = {id(p) for name in layers for p in model.get_submodule(name).parameters(recurse=False)}
-    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in keep]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-
-
 def inverse_fisher_heatmaps(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -219,7 +198,6 @@ def inverse_fisher_heatmaps(
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
-    freeze_others: bool = True,
     progress: bool = False,
 ) -> InverseHeatmaps:
     """``P_S = (F_S + λI)⁻¹`` for every subset and Fisher kind, and their mini-block mass.
@@ -244,9 +222,6 @@ def inverse_fisher_heatmaps(
         memory_budget: Bytes (default: half the free memory of the model's device); the
             ``[k, k]`` float64 matrices of all subsets and kinds (``2·kinds + 1`` per subset) are
             checked against it before allocation; half of it bounds the chunks of rows.
-        freeze_others: Set ``requires_grad=False`` on the parameters of the layers not analysed
-            for the duration of the call (restored afterwards); saves the memory and time of
-            their per-sample gradients without changing the result.
         progress: Show a progress bar over the kinds.
 
     Returns:
@@ -286,51 +261,49 @@ def inverse_fisher_heatmaps(
     matrices: dict[str, dict[str, Tensor]] = {}
     fishers: dict[str, dict[str, Tensor]] = {}
     rows_out = []
-    with _only_trainable(model, set(layers) if freeze_others else set(layouts)):
-        for kind in tqdm(kinds, desc="Fisher kinds", disable=not progress):
-            sums = {
-                s.label: torch.zeros(s.dim, s.dim, device=device, dtype=torch.float64)
-                for s in subsets
-            }
-            stream = fisher_rows(
-                model,
-                loss_fn,
-                inputs,
-                targets,
-                kind=kind,
-                mc_samples=mc_samples,
-                generator=generator,
-                layers=layers,
-                chunk_size=chunk_size,
-                memory_budget=budget // 2,
-            )
-            for rows in stream:
-                for s in subsets:
-                    r = rows[s.layer].index_select(1, index[s.label]).double()
-                    sums[s.label].addmm_(r.T, r)
-            fishers[kind] = {label: total / len(inputs) for label, total in sums.items()}
-            matrices[kind] = {}
+    for kind in tqdm(kinds, desc="Fisher kinds", disable=not progress):
+        sums = {
+            s.label: torch.zeros(s.dim, s.dim, device=device, dtype=torch.float64) for s in subsets
+        }
+        stream = fisher_rows(
+            model,
+            loss_fn,
+            inputs,
+            targets,
+            kind=kind,
+            mc_samples=mc_samples,
+            generator=generator,
+            layers=layers,
+            chunk_size=chunk_size,
+            memory_budget=budget // 2,
+        )
+        for rows in stream:
             for s in subsets:
-                fisher = fishers[kind][s.label]
-                identity = torch.eye(s.dim, device=device, dtype=torch.float64)
-                inverse = torch.linalg.inv(fisher + damping * identity)
-                matrices[kind][s.label] = inverse
-                mass, area = miniblock_mass(inverse, s.block_sizes)
-                rows_out.append(
-                    {
-                        "subset": s.label,
-                        "layer": s.layer,
-                        "kind": kind,
-                        "dim": s.dim,
-                        "n_blocks": s.n_blocks,
-                        "blocks": s.describe_blocks(),
-                        "damping": damping,
-                        "n_samples": len(inputs),
-                        "trace": float(fisher.trace()),
-                        "miniblock_mass": mass,
-                        "miniblock_area": area,
-                    }
-                )
+                r = rows[s.layer].index_select(1, index[s.label]).double()
+                sums[s.label].addmm_(r.T, r)
+        fishers[kind] = {label: total / len(inputs) for label, total in sums.items()}
+        matrices[kind] = {}
+        for s in subsets:
+            fisher = fishers[kind][s.label]
+            identity = torch.eye(s.dim, device=device, dtype=torch.float64)
+            inverse = torch.linalg.inv(fisher + damping * identity)
+            matrices[kind][s.label] = inverse
+            mass, area = miniblock_mass(inverse, s.block_sizes)
+            rows_out.append(
+                {
+                    "subset": s.label,
+                    "layer": s.layer,
+                    "kind": kind,
+                    "dim": s.dim,
+                    "n_blocks": s.n_blocks,
+                    "blocks": s.describe_blocks(),
+                    "damping": damping,
+                    "n_samples": len(inputs),
+                    "trace": float(fisher.trace()),
+                    "miniblock_mass": mass,
+                    "miniblock_area": area,
+                }
+            )
     return InverseHeatmaps(
         matrices=matrices,
         fishers=fishers,
