@@ -380,6 +380,20 @@ class PlacedOptimizer(CheckedLoad):
     OWNER = "optimizer"
     _ready = False
 
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | None,
+        defaults: dict[str, Any],
+    ) -> None:
+        """Validate ``defaults``, build the param groups, then place them on ``model``'s layers."""
+        self._model = model
+        self._warned: set[str] = set()
+        self._check_settings(defaults, None)
+        super().__init__(resolve_params(model, params, self.OWNER), defaults)
+        self._ready = True
+        self._refresh_placement()
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group (validated; its layers must not be split with other groups)."""
         super().add_param_group(param_group)

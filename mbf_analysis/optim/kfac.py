@@ -73,7 +73,6 @@ from mbf_analysis.optim.common import (
     decoupled_update_,
     group_gradients,
     place,
-    resolve_params,
     warn_fallback,
 )
 
@@ -138,8 +137,6 @@ class KFAC(PlacedOptimizer):
         inverse_period: int = 100,
         params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
     ) -> None:
-        self._model = model
-        self._warned: set[str] = set()
         self._records: dict[str, _Record] = {}
         self._handles: list[RemovableHandle] = []
         defaults = {
@@ -153,10 +150,7 @@ class KFAC(PlacedOptimizer):
             "stat_period": stat_period,
             "inverse_period": inverse_period,
         }
-        self._check_settings(defaults, None)
-        super().__init__(resolve_params(model, params, self.OWNER), defaults)
-        self._ready = True
-        self._refresh_placement()
+        super().__init__(model, params, defaults)
 
     def _check_settings(self, group: dict[str, Any], index: int | None) -> None:
         owner = self.OWNER

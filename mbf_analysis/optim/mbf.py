@@ -102,7 +102,6 @@ from mbf_analysis.optim.common import (
     decoupled_update_,
     group_gradients,
     place,
-    resolve_params,
     warn_fallback,
 )
 
@@ -274,11 +273,9 @@ class MBF(PlacedOptimizer):
         check_choice(self.OWNER, "implementation", implementation, ("fast", "reference"))
         if spatial_threshold is not None:
             check_period(self.OWNER, None, "spatial_threshold", spatial_threshold)
-        self._model = model
         self._spatial_threshold = spatial_threshold
         self._fallback: BlockMode = "blocks" if fallback == "diagonal" else "adam"
         self.implementation = implementation
-        self._warned: set[str] = set()
         self._runs: list[list[_Run]] = []
         self._buckets: list[list[_Bucket]] | None = None
         defaults = {
@@ -292,10 +289,7 @@ class MBF(PlacedOptimizer):
             "inverse_period": inverse_period,
             "true_fisher": true_fisher,
         }
-        self._check_settings(defaults, None)
-        super().__init__(resolve_params(model, params, self.OWNER), defaults)
-        self._ready = True
-        self._refresh_placement()
+        super().__init__(model, params, defaults)
 
     # ------------------------------------------------------------------ set-up
     def _check_settings(self, group: Mapping[str, Any], index: int | None) -> None:
