@@ -12,6 +12,9 @@ import warnings
 
 import pytest
 import torch
+from optim_cases import DT, one_thread  # noqa: F401 (autouse fixture)
+from optim_cases import batches as _batches
+from optim_cases import net as _net
 from torch import nn
 
 from mbf_analysis import methods
@@ -20,39 +23,7 @@ from mbf_analysis.errors import NonFiniteError
 from mbf_analysis.layout import model_layouts
 from mbf_analysis.optim import KFAC
 
-DT = torch.float64
 CE = nn.CrossEntropyLoss()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread (OpenMP hand-offs dominate on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _net(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1),
-        nn.BatchNorm2d(3),
-        nn.ReLU(),
-        nn.Conv2d(3, 2, 2, stride=2, bias=False),
-        nn.Flatten(),
-        nn.Linear(8, 5),
-        nn.Tanh(),
-        nn.Linear(5, 3),
-    ).to(DT)
-
-
-def _batches(n, m=6, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(m, 2, 4, 4, generator=gen, dtype=DT), torch.randint(0, 3, (m,), generator=gen))
-        for _ in range(n)
-    ]
 
 
 SETTINGS = dict(damping=0.05, momentum=0.8, dampening=0.25, stat_decay=0.7)
