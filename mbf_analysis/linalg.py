@@ -50,6 +50,7 @@ __all__ = [
     "inverse_root",
     "kron_damped_solve_eigen",
     "kron_damped_solve_split",
+    "split_damping_pi",
     "kron_matvec",
     "symmetrize",
     "woodbury_damped_solve",
@@ -298,6 +299,22 @@ def kron_damped_solve_eigen(A: Tensor, G: Tensor, V: Tensor, damping: float) -> 
     return q_g @ ((q_g.mT @ V @ q_a) / denom) @ q_a.mT
 
 
+def split_damping_pi(A: Tensor, G: Tensor) -> Tensor:
+    """KFAC's damping split ``π = √((tr A / a) / (tr G / g))``; ``π = 1`` for a trace ≤ 0.
+
+    Args:
+        A: ``[*, a, a]``.
+        G: ``[*, g, g]``.
+
+    Returns:
+        ``[*]``, float64.
+    """
+    mean_a = A.diagonal(dim1=-2, dim2=-1).mean(-1).double()
+    mean_g = G.diagonal(dim1=-2, dim2=-1).mean(-1).double()
+    valid = (mean_a > 0) & (mean_g > 0)
+    return torch.where(valid, mean_a / torch.where(valid, mean_g, 1.0), 1.0).sqrt()
+
+
 def kron_damped_solve_split(A: Tensor, G: Tensor, V: Tensor, damping: float) -> Tensor:
     """KFAC's factored Tikhonov damping: ``X = (G + π⁻¹√λ I)⁻¹ V (A + π√λ I)⁻¹``.
 
@@ -319,10 +336,7 @@ def kron_damped_solve_split(A: Tensor, G: Tensor, V: Tensor, damping: float) -> 
         ValueError: If ``damping ≤ 0`` or an input contains NaN/Inf.
     """
     _check_kron_args(A, G, V, damping)
-    mean_a = A.diagonal(dim1=-2, dim2=-1).mean(-1).double()
-    mean_g = G.diagonal(dim1=-2, dim2=-1).mean(-1).double()
-    valid = (mean_a > 0) & (mean_g > 0)
-    pi = torch.where(valid, mean_a / torch.where(valid, mean_g, 1.0), 1.0).sqrt()
+    pi = split_damping_pi(A, G)
     root = math.sqrt(damping)
     left = damped_solve(G, V, root / pi)
     return damped_solve(A, left.mT, root * pi).mT

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from mbf_analysis.errors import UnsupportedModuleError
 from mbf_analysis.layout import LayerLayout
-from mbf_analysis.linalg import damped_inverse, symmetrize
+from mbf_analysis.linalg import damped_inverse, split_damping_pi, symmetrize
 
 __all__ = [
     "KronFactors",
@@ -279,9 +279,7 @@ def split_inverse(A: Tensor, G: Tensor, damping: float) -> SplitInverse:
     The same ``π`` as :func:`mbf_analysis.linalg.kron_damped_solve_split`; the two damped
     inverses go through :func:`mbf_analysis.linalg.damped_inverse` (Cholesky with fallbacks).
     """
-    mean_a = float(A.diagonal().mean())
-    mean_g = float(G.diagonal().mean())
-    pi = math.sqrt(mean_a / mean_g) if mean_a > 0 and mean_g > 0 else 1.0
+    pi = float(split_damping_pi(A, G))
     root = math.sqrt(damping)
     return SplitInverse(damped_inverse(A, root * pi), damped_inverse(G, root / pi))
 
