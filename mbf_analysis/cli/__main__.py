@@ -1,0 +1,7 @@
+"""``python -m mbf_analysis.cli``: the same as ``mbf-analyze``."""
+
+import sys
+
+from mbf_analysis.cli import main
+
+sys.exit(main())

@@ -1,0 +1,161 @@
+"""What every ``mbf-analyze`` subcommand shares: the problem options, data and model loading,
+option parsers, the usage error and the ``run.json`` record."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from mbf_analysis import __version__
+from mbf_analysis.data import Dataset, dataset_names, load_dataset
+from mbf_analysis.layout import model_layouts
+from mbf_analysis.models import build_model, model_names
+
+DEFAULT_MODEL = {
+    "digits": "digits-mlp",
+    "mnist16": "paper-mlp",
+    "mnist": "simple-cnn",
+    "fashion-mnist": "simple-cnn",
+}
+"""The network each classification data set gets when ``--model`` is not given."""
+
+
+class UsageError(Exception):
+    """A command-line value that cannot work; reported in one line with exit code 2."""
+
+
+def csv_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def add_problem_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dataset",
+        default="digits",
+        choices=dataset_names(),
+        help="data set (default: digits, embedded, works offline)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="folder with the data files (else $MBF_DATA_DIR, else ~/.cache/mbf_analysis)",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        choices=model_names(),
+        help="network (default: digits-mlp for digits, paper-mlp for mnist16, "
+        "simple-cnn for (fashion-)mnist)",
+    )
+    parser.add_argument(
+        "--download",
+        action="store_true",
+        help="fetch missing data files from their canonical URLs (needs network)",
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=512, help="samples used")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model and the batch")
+    parser.add_argument(
+        "--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float64",
+        choices=["float32", "float64"],
+        help="floating-point precision (default: float64)",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="folder for CSV and run.json")
+
+
+def parse_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UsageError(f"--device {name!r} is not a torch device (e.g. cpu, cuda)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return device
+
+
+def problem(
+    args: argparse.Namespace,
+) -> tuple[Dataset, nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
+    """Data set, model, loss and one batch, as the options ask."""
+    dataset = load_dataset(args.dataset, args.data_dir, download=args.download)
+    if not dataset.has_labels:
+        raise UsageError(f"--dataset {args.dataset} has no labels; pick a classification set")
+    model_name = args.model or DEFAULT_MODEL.get(dataset.name)
+    if model_name is None:
+        raise UsageError(f"no default model for --dataset {dataset.name}; pass --model")
+    torch.manual_seed(args.seed)
+    model = build_model(model_name)
+    dtype = getattr(torch, args.dtype)
+    model = model.to(device=parse_device(args.device), dtype=dtype).eval()
+    generator = torch.Generator().manual_seed(args.seed)
+    index = torch.randperm(len(dataset.train_x), generator=generator)[: args.batch_size]
+    inputs, targets = dataset.train_x[index], dataset.train_y[index]
+    try:
+        with torch.no_grad():
+            model(inputs[:1].to(device=parse_device(args.device), dtype=dtype))
+    except RuntimeError as err:
+        raise UsageError(
+            f"--model {model_name} does not accept {dataset.name} inputs of shape "
+            f"{list(dataset.input_shape)}; choose a model made for this data set"
+        ) from err
+    return dataset, model, nn.CrossEntropyLoss(), inputs, targets
+
+
+def check_layers(model: nn.Module, layers: list[str] | None) -> None:
+    available = list(model_layouts(model))
+    missing = [name for name in layers or [] if name not in available]
+    if missing:
+        raise UsageError(
+            f"--layers: {', '.join(missing)} not in the model; its layers are "
+            f"{', '.join(available)}"
+        )
+
+
+def versions() -> dict[str, str]:
+    import backpack
+    import numpy
+
+    return {
+        "mbf_analysis": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "backpack": getattr(backpack, "__version__", "unknown"),
+        "numpy": numpy.__version__,
+        "pandas": pd.__version__,
+    }
+
+
+def save_run(out: Path | None, name: str, frame: pd.DataFrame, args, timings) -> None:
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out / f"{name}.csv", index=False)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    config.pop("run", None)
+    record = {"command": name, "config": config, "versions": versions(), "timings_s": timings}
+    (out / "run.json").write_text(json.dumps(record, indent=2))
+    print(f"wrote {out / f'{name}.csv'} and {out / 'run.json'}")
