@@ -407,28 +407,31 @@ def _damped_apply(mats: Tensor, damping: float | Tensor, rhs: Tensor | None) -> 
     if rhs is not None:
         _check_finite("rhs", rhs)
     work = _work_dtype(out_dtype)
-    m = symmetrize(mats.to(work)).reshape(batch.numel(), s, s)
-    b = None if rhs is None else rhs.to(work).reshape(batch.numel(), s, rhs.shape[-1])
     lam = _as_damping(damping, batch, mats.device)
+    # One fresh tensor (M + Mᵀ)/2 + λI for the first stage; the fallbacks re-read their blocks.
+    shifted = symmetrize(mats.to(work)).reshape(batch.numel(), s, s)
+    shifted.diagonal(dim1=-2, dim2=-1).add_(lam.to(work).unsqueeze(-1))
+    b = None if rhs is None else rhs.to(work).reshape(batch.numel(), s, rhs.shape[-1])
 
-    out, ok = _cholesky_apply(m, lam, b, out_dtype)
+    out, ok = _cholesky_apply(shifted, b, out_dtype)
     failed = (~ok).nonzero().squeeze(-1)
     n_failed = failed.numel()
+    if n_failed:
+        m = symmetrize(mats.reshape(batch.numel(), s, s)[failed].double())
+        lam_failed = lam[failed]
+        b_failed = None if b is None else b[failed].double()
     if n_failed and work != torch.float64:
-        sub, sub_ok = _cholesky_apply(
-            m[failed].double(), lam[failed], None if b is None else b[failed].double(), out_dtype
-        )
+        sub, sub_ok = _cholesky_apply(_add_to_diagonal(m, lam_failed), b_failed, out_dtype)
         out[failed[sub_ok]] = sub[sub_ok]
-        failed = failed[~sub_ok]
+        m, lam_failed, failed = m[~sub_ok], lam_failed[~sub_ok], failed[~sub_ok]
+        b_failed = None if b_failed is None else b_failed[~sub_ok]
     if failed.numel():
-        out[failed] = _eigh_damped_apply(
-            m[failed].double(), lam[failed], None if b is None else b[failed].double(), out_dtype
-        )
+        out[failed] = _eigh_damped_apply(m, lam_failed, b_failed, out_dtype)
     if n_failed:
         logger.debug(
             "%d of %d blocks (s=%d) failed Cholesky in %s; %d went to the float64 eigh fallback",
             n_failed,
-            m.shape[0],
+            shifted.shape[0],
             s,
             work,
             failed.numel(),
@@ -436,28 +439,26 @@ def _damped_apply(mats: Tensor, damping: float | Tensor, rhs: Tensor | None) -> 
     return out.reshape(*batch, s, out.shape[-1])
 
 
-def _cholesky_apply(
-    m: Tensor, lam: Tensor, b: Tensor | None, out_dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    """One Cholesky stage in the dtype of ``m``.
+def _cholesky_apply(a: Tensor, b: Tensor | None, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """One Cholesky stage in the dtype of ``a``.
 
     Args:
-        m: ``[B, s, s]``, symmetric.
-        lam: ``[B]``, float64.
+        a: ``[B, s, s]``, the damped symmetric matrices ``M + λI``.
         b: ``[B, s, k]`` or ``None``.
         out_dtype: The dtype the result is returned (and checked for finiteness) in.
 
     Returns:
         ``(out, ok)``: ``[B, s, s]`` or ``[B, s, k]`` (garbage where not ok), and ``[B]`` bool.
     """
-    s = m.shape[-1]
-    a = _add_to_diagonal(m, lam.to(m.dtype))
+    s = a.shape[-1]
     factor, info = torch.linalg.cholesky_ex(a)
     pivots = factor.diagonal(dim1=-2, dim2=-1).square()
     rtol = s * torch.finfo(a.dtype).eps
     ok = (info == 0) & (pivots > rtol * a.diagonal(dim1=-2, dim2=-1)).all(-1)
-    # Rejected factors may hold zeros or garbage; an identity keeps the batched call well posed.
-    factor = torch.where(ok[:, None, None], factor, torch.eye(s, dtype=a.dtype, device=a.device))
+    if not bool(ok.all()):
+        # Rejected factors may hold zeros or garbage; an identity keeps the batched call posed.
+        eye = torch.eye(s, dtype=a.dtype, device=a.device)
+        factor = torch.where(ok[:, None, None], factor, eye)
     out = torch.cholesky_inverse(factor) if b is None else torch.cholesky_solve(b, factor)
     out = out.to(out_dtype)
     return out, ok & torch.isfinite(out).flatten(1).all(-1)

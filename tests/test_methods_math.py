@@ -197,6 +197,17 @@ def test_one_shot_bdf_solves_with_the_layer_empirical_fisher():
         torch.testing.assert_close(d[name], torch.linalg.solve(system, stats.grad[name]))
 
 
+def _woodbury_cheaper(r: int, d: int) -> bool:
+    """Multiply-adds: Woodbury ``r²d + r³/6`` vs dense ``M d² + d³/6`` (BDF's module docstring)."""
+    return r**2 * d + r**3 / 6 < M * d**2 + d**3 / 6
+
+
+def test_bdf_auto_goes_dense_before_the_rows_reach_d():
+    bdf = methods.get("bdf")
+    assert not bdf._dense(2300, 5140, 256) and bdf._dense(2400, 5140, 256)
+    assert bdf._dense(300, 256, 300)  # one batch larger than d: dense at once
+
+
 def test_bdf_woodbury_path_equals_the_dense_path():
     model, x, y = _problem(_cnn, (2, 4, 4), m=3 * M)
     dims = {name: layout.dim for name, layout in model_layouts(model).items()}
@@ -216,7 +227,8 @@ def test_bdf_woodbury_path_equals_the_dense_path():
                 torch.testing.assert_close(value, expected[name])
                 torch.testing.assert_close(method.matrix(name), dense.matrix(name))
         low_rank = {name for name, slot in auto.state.items() if "U" in slot}
-        assert low_rank == {name for name, d in dims.items() if (k + 1) * M < d}
+        assert low_rank == {name for name, d in dims.items() if _woodbury_cheaper((k + 1) * M, d)}
+        assert all(name in low_rank for name, d in dims.items() if 2 * (k + 1) * M < d)
 
 
 def test_bdf_history_follows_the_ema_formula():

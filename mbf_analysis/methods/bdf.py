@@ -20,8 +20,18 @@ Two representations of ``F_l``:
 - *dense*: ``F_l`` as a ``[d, d]`` matrix (solved by Cholesky with fallbacks), checked against
   the memory budget (:func:`~mbf_analysis.curvature.memory.check_dense`) before allocation.
 
-``solver="auto"`` keeps a layer low rank while ``r < d`` and switches it to dense for good when
-the rows would reach ``d``; ``"dense"`` and ``"woodbury"`` force one representation.
+``solver="auto"`` keeps a layer low rank while that is cheaper and switches it to dense for good
+when it no longer is. Counting multiply-adds per direction, Woodbury costs ``r² d`` (``U Uᵀ``)
+plus ``r³/6`` (Cholesky), the dense form ``m d²`` (its EMA update with ``m`` new rows) plus
+``d³/6``; the layer goes dense at the first update where
+
+.. math::
+
+    r^2 d + r^3/6 \ge m d^2 + d^3/6 ,
+
+which happens before ``r`` reaches ``d`` (for ``d = 5140``, ``m = 256``: at ``r ≈ 2340``).
+Waiting until ``r = d`` instead made each Woodbury direction up to 3× as dear as a dense one.
+``"dense"`` and ``"woodbury"`` force one representation.
 """
 
 from __future__ import annotations
@@ -107,14 +117,15 @@ class BDF(Method):
             old = slot.get("U")
             if old is not None and beta > 0:
                 rows = torch.cat([old * math.sqrt(beta), rows])
-            if self._dense(rows.shape[0], rows.shape[1]):
+            if self._dense(rows.shape[0], rows.shape[1], stats.batch_size):
                 self.state[layer] = {"m": slot["m"], "F": rows.T @ rows}
             else:
                 slot["U"] = rows
 
-    def _dense(self, rows: int, dim: int) -> bool:
+    def _dense(self, rows: int, dim: int, new_rows: int) -> bool:
+        """Whether a layer with ``rows`` stacked rows of length ``dim`` is cheaper dense."""
         if self.config.solver == "auto":
-            return rows >= dim
+            return rows**2 * dim + rows**3 / 6 >= new_rows * dim**2 + dim**3 / 6
         return self.config.solver == "dense"
 
     def _check_budget(self, per_sample: dict[str, Tensor]) -> None:
@@ -123,7 +134,7 @@ class BDF(Method):
         for layer, g in per_sample.items():
             slot = self.state.get(layer, {})
             rows = g.shape[0] + (slot["U"].shape[0] if "U" in slot and self.config.decay else 0)
-            if "F" in slot or self._dense(rows, g.shape[1]):
+            if "F" in slot or self._dense(rows, g.shape[1], g.shape[0]):
                 sizes[layer] = g.shape[1]
         if sizes:
             some = next(iter(per_sample.values()))
