@@ -47,6 +47,7 @@ from mbf_analysis.models import build_model
 __all__ = [
     "CACHE_ENV_VAR",
     "CorruptCheckpointError",
+    "atomic_save",
     "TrainConfig",
     "checkpoint_path",
     "default_checkpoint_dir",
@@ -199,19 +200,12 @@ def train_model(
     return model.eval(), history
 
 
-def save_checkpoint(
-    path: str | Path, config: TrainConfig, model: nn.Module, history: list[float]
-) -> None:
-    """Write ``{config, state_dict (CPU), history}`` atomically (temporary file, then rename)."""
+def atomic_save(payload: Any, path: str | Path) -> None:
+    """``torch.save(payload)`` to ``path`` atomically: a temporary file in the same folder,
+    flushed to disk, then renamed over ``path``, so an interrupted write never leaves a partial
+    file (and a previous version stays intact until the new one is complete)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "format": _FORMAT_VERSION,
-        "config": asdict(config),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "history": list(history),
-        "torch": str(torch.__version__),
-    }
     handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
@@ -224,6 +218,20 @@ def save_checkpoint(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def save_checkpoint(
+    path: str | Path, config: TrainConfig, model: nn.Module, history: list[float]
+) -> None:
+    """Write ``{config, state_dict (CPU), history}`` atomically (:func:`atomic_save`)."""
+    payload = {
+        "format": _FORMAT_VERSION,
+        "config": asdict(config),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "history": list(history),
+        "torch": str(torch.__version__),
+    }
+    atomic_save(payload, path)
 
 
 def load_checkpoint(

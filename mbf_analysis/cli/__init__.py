@@ -14,14 +14,14 @@ import sys
 from collections.abc import Sequence
 
 from mbf_analysis import __version__
-from mbf_analysis.cli import fisher, heatmap
+from mbf_analysis.cli import cosine, fisher, heatmap
 from mbf_analysis.cli.common import UsageError
 from mbf_analysis.data import DataError
 from mbf_analysis.errors import MBFError
 
 __all__ = ["main", "build_parser"]
 
-SUBCOMMANDS = (fisher, heatmap)
+SUBCOMMANDS = (fisher, heatmap, cosine)
 """The subcommand modules, in the order ``--help`` lists them."""
 
 
@@ -50,4 +50,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{parser.prog}: error: {message}", file=sys.stderr)
         return 2
     return 0
-

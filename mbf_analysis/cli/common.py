@@ -97,10 +97,9 @@ def parse_device(name: str) -> torch.device:
     return device
 
 
-def problem(
-    args: argparse.Namespace,
-) -> tuple[Dataset, nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
-    """Data set, model, loss and one batch, as the options ask."""
+def dataset_and_model(args: argparse.Namespace) -> tuple[Dataset, str, nn.Module]:
+    """The labelled data set and the seeded model (on ``--device``, in ``--dtype``, eval mode)
+    that the options ask for, checked to accept the data's inputs."""
     dataset = load_dataset(args.dataset, args.data_dir, download=args.download)
     if not dataset.has_labels:
         raise UsageError(f"--dataset {args.dataset} has no labels; pick a classification set")
@@ -108,21 +107,28 @@ def problem(
     if model_name is None:
         raise UsageError(f"no default model for --dataset {dataset.name}; pass --model")
     torch.manual_seed(args.seed)
-    model = build_model(model_name)
     dtype = getattr(torch, args.dtype)
-    model = model.to(device=parse_device(args.device), dtype=dtype).eval()
-    generator = torch.Generator().manual_seed(args.seed)
-    index = torch.randperm(len(dataset.train_x), generator=generator)[: args.batch_size]
-    inputs, targets = dataset.train_x[index], dataset.train_y[index]
+    target = parse_device(args.device)
+    model = build_model(model_name).to(device=target, dtype=dtype).eval()
     try:
         with torch.no_grad():
-            model(inputs[:1].to(device=parse_device(args.device), dtype=dtype))
+            model(dataset.train_x[:1].to(device=target, dtype=dtype))
     except RuntimeError as err:
         raise UsageError(
             f"--model {model_name} does not accept {dataset.name} inputs of shape "
             f"{list(dataset.input_shape)}; choose a model made for this data set"
         ) from err
-    return dataset, model, nn.CrossEntropyLoss(), inputs, targets
+    return dataset, model_name, model
+
+
+def problem(
+    args: argparse.Namespace,
+) -> tuple[Dataset, nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
+    """Data set, model, loss and one batch of ``--batch-size`` samples (seeded by ``--seed``)."""
+    dataset, _, model = dataset_and_model(args)
+    generator = torch.Generator().manual_seed(args.seed)
+    index = torch.randperm(len(dataset.train_x), generator=generator)[: args.batch_size]
+    return dataset, model, nn.CrossEntropyLoss(), dataset.train_x[index], dataset.train_y[index]
 
 
 def check_layers(model: nn.Module, layers: list[str] | None) -> None:

@@ -1,0 +1,406 @@
+"""``mbf-analyze cosine``: cosine of each method's direction with BDF's along the BDF trajectory
+(paper Fig. 6, Algorithm 5; :mod:`mbf_analysis.analysis.cosine`).
+
+Files in ``--out`` (default ``runs/cosine-<dataset>-<model>``):
+
+- ``cosine.csv``: the tidy rows (``iteration, layer, method, cosine, loss``), appended after every
+  iteration, so an interrupted run leaves every finished iteration in it;
+- ``cosine_state.pt``: the resumable state (:meth:`~mbf_analysis.analysis.CosineRun.state_dict`)
+  written atomically every ``--checkpoint-every`` iterations and at the end;
+- ``run.json``: the settings, package versions, timings and the run's status;
+- ``cosine.png`` / ``cosine.pdf``: the Fig. 6-like figure.
+
+``--resume`` loads ``cosine_state.pt`` (iteration ``k``), keeps the CSV rows of iterations
+``< k`` (dropping rows written after that checkpoint, and a line cut short by a kill), and
+continues to ``--iterations`` in total with the saved settings, so the CSV ends with every
+iteration exactly once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from mbf_analysis.analysis import COLUMNS, CosineConfig, CosineDivergedError, CosineRun
+from mbf_analysis.checkpoints import atomic_save
+from mbf_analysis.cli.common import (
+    DEFAULT_MODEL,
+    UsageError,
+    check_layers,
+    csv_list,
+    dataset_and_model,
+    parse_device,
+    positive_float,
+    positive_int,
+    versions,
+)
+from mbf_analysis.data import dataset_names
+from mbf_analysis.errors import MBFError
+from mbf_analysis.methods import names as method_names
+from mbf_analysis.models import model_names
+from mbf_analysis.plotting import plot_cosines, save_figure
+
+CSV_NAME = "cosine.csv"
+STATE_NAME = "cosine_state.pt"
+RUN_NAME = "run.json"
+FIGURE_NAME = "cosine"
+
+DEFAULTS: dict[str, Any] = {
+    "dataset": "digits",
+    "model": None,
+    "iterations": 100,
+    "batch_size": 256,
+    "lr": 0.1,
+    "damping": 0.003,
+    "methods": list(CosineConfig().methods),
+    "layers": None,
+    "seed": 0,
+    "dtype": "float64",
+}
+"""Settings without ``--preset``: the embedded digits data, finished in well under a minute."""
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "dataset": "mnist16",
+        "model": "paper-mlp",
+        "iterations": 500,
+        "layers": ["fc2", "fc3", "fc4", "fc5"],
+    },
+}
+"""``--preset paper``: the paper's Fig. 6 setting, the 256-20-20-20-20-20-10 tanh MLP on 16×16
+MNIST with the middle four layers shown (METHODS.md §5); other settings keep :data:`DEFAULTS`."""
+
+SETTINGS = tuple(DEFAULTS)
+"""The options that define a run; ``--resume`` takes them from the saved ``run.json``."""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``cosine`` on the subcommand parsers."""
+    parser = sub.add_parser(
+        "cosine",
+        help="cosine of each method's direction with BDF's along the BDF trajectory (Fig. 6)",
+        description="Train the network with BDF (one dense empirical-Fisher block per layer) and "
+        "record at every iteration, per layer, the cosine of each method's direction with "
+        "BDF's (paper Fig. 6, Algorithm 5). Writes cosine.csv (appended every iteration), "
+        "cosine_state.pt, run.json and cosine.png/.pdf to --out, and prints the median cosine "
+        "per method and layer. Without options it runs 100 iterations on the embedded digits "
+        "data.",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="paper: mnist16, paper-mlp (256-20×5-10 tanh), 500 iterations, layers fc2-fc5; "
+        "explicit options override it",
+    )
+    parser.add_argument(
+        "--dataset", choices=dataset_names(), default=None, help="data set (default: digits)"
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="folder with the data files (else $MBF_DATA_DIR, else ~/.cache/mbf_analysis)",
+    )
+    parser.add_argument(
+        "--download",
+        action="store_true",
+        help="fetch missing data files from their canonical URLs (needs network)",
+    )
+    parser.add_argument(
+        "--model",
+        choices=model_names(),
+        default=None,
+        help="network (default: digits-mlp for digits, paper-mlp for mnist16, simple-cnn for "
+        "(fashion-)mnist)",
+    )
+    parser.add_argument(
+        "--iterations", type=positive_int, default=None, help="BDF steps in all (default: 100)"
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=None, help="minibatch size (default: 256)"
+    )
+    parser.add_argument(
+        "--lr", type=positive_float, default=None, help="BDF's learning rate α (default: 0.1)"
+    )
+    parser.add_argument(
+        "--damping",
+        type=positive_float,
+        default=None,
+        help="λ of BDF, MBF, MBF-True and KFAC (default: 0.003)",
+    )
+    parser.add_argument(
+        "--methods",
+        type=csv_list,
+        default=None,
+        help=f"comma-separated methods compared with BDF, from {', '.join(method_names())} "
+        f"(default: {','.join(DEFAULTS['methods'])})",
+    )
+    parser.add_argument(
+        "--layers",
+        type=csv_list,
+        default=None,
+        help="comma-separated layers whose cosines are recorded (default: all)",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="seed (default: 0)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float64"],
+        default=None,
+        help="floating-point precision (default: float64)",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: runs/cosine-<dataset>-<model>)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run saved in --out up to --iterations in total, with its settings",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=positive_int,
+        default=25,
+        help="iterations between saves of cosine_state.pt (default: 25)",
+    )
+    parser.add_argument(
+        "--smoothing",
+        type=positive_int,
+        default=10,
+        help="rolling-mean window of the figure in iterations (default: 10)",
+    )
+    parser.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="hide the progress bar"
+    )
+    parser.set_defaults(run=run)
+
+
+# ----------------------------------------------------------------------------- settings
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    return {key: getattr(args, key) for key in SETTINGS if getattr(args, key) is not None}
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Defaults, then the preset, then the explicit options."""
+    settings = dict(DEFAULTS)
+    settings.update(PRESETS.get(args.preset, {}))
+    settings.update(_given(args))
+    if settings["seed"] < 0:
+        raise UsageError(f"--seed {settings['seed']}: must be 0 or more")
+    unknown = [m for m in settings["methods"] if m not in method_names()]
+    if unknown or not settings["methods"]:
+        raise UsageError(
+            f"--methods {','.join(settings['methods'])}: unknown {', '.join(unknown) or 'empty'}"
+            f"; choose from {', '.join(method_names())}"
+        )
+    return settings
+
+
+def _default_out(settings: dict[str, Any]) -> Path:
+    model = settings["model"] or DEFAULT_MODEL.get(settings["dataset"], "model")
+    return Path("runs") / f"cosine-{settings['dataset']}-{model}"
+
+
+def _saved_settings(out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The settings of the run in ``out``; explicit options must agree with them."""
+    record = out / RUN_NAME
+    state = out / STATE_NAME
+    if not state.is_file() or not record.is_file():
+        raise UsageError(
+            f"--resume: no saved run in {out} (needs {STATE_NAME} and {RUN_NAME}); "
+            "start it without --resume"
+        )
+    try:
+        saved = json.loads(record.read_text())["settings"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise UsageError(f"--resume: {record} is not a run.json of `mbf-analyze cosine`") from err
+    clash = {
+        key: value
+        for key, value in _given(args).items()
+        if key != "iterations" and value != saved.get(key)
+    }
+    if args.preset is not None:
+        clash.update(
+            {k: v for k, v in PRESETS[args.preset].items() if k != "iterations" and v != saved[k]}
+        )
+    if clash:
+        shown = ", ".join(f"{k}={v!r} (saved {saved.get(k)!r})" for k, v in clash.items())
+        raise UsageError(
+            f"--resume continues the run in {out} with its saved settings, but {shown}; drop "
+            "those options or start a new run with another --out"
+        )
+    if args.iterations is not None:
+        saved["iterations"] = args.iterations
+    return saved
+
+
+# ----------------------------------------------------------------------------- CSV
+def _recorded_rows(path: Path, before: int) -> pd.DataFrame:
+    """The complete rows of ``path`` with ``iteration < before`` (others dropped)."""
+    if not path.is_file():
+        return pd.DataFrame(columns=list(COLUMNS))
+    lines = path.read_text().splitlines()
+    if not lines or lines[0].split(",") != list(COLUMNS):
+        raise UsageError(f"--resume: {path} is not a cosine CSV (header {lines[:1]})")
+    kept = [lines[0]]
+    for line in lines[1:]:
+        fields = next(csv.reader([line]), [])
+        if len(fields) != len(COLUMNS):
+            continue  # a line cut short when the process was killed
+        try:
+            iteration = int(fields[0])
+        except ValueError:
+            continue
+        if iteration < before:
+            kept.append(line)
+    return pd.read_csv(io.StringIO("\n".join(kept) + "\n"))
+
+
+class _Recorder:
+    """Appends each iteration's rows to the CSV and saves the state every few iterations."""
+
+    def __init__(self, out: Path, run: CosineRun, checkpoint_every: int) -> None:
+        self.csv = out / CSV_NAME
+        self.state = out / STATE_NAME
+        self.run = run
+        self.every = checkpoint_every
+
+    def start(self, rows: pd.DataFrame) -> None:
+        rows.to_csv(self.csv, index=False, columns=list(COLUMNS))
+
+    def __call__(self, rows: pd.DataFrame) -> None:
+        with self.csv.open("a") as fh:
+            rows.to_csv(fh, index=False, header=False, columns=list(COLUMNS))
+            fh.flush()
+        if self.run.iteration % self.every == 0:
+            self.save()
+
+    def save(self) -> None:
+        atomic_save(self.run.state_dict(), self.state)
+
+
+# ----------------------------------------------------------------------------- output
+def median_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Median cosine per method (rows, in the run's order) and layer (columns)."""
+    methods = list(dict.fromkeys(frame.method))
+    layers = list(dict.fromkeys(frame.layer))
+    table = frame.pivot_table(index="method", columns="layer", values="cosine", aggfunc="median")
+    return table.reindex(index=methods, columns=layers)
+
+
+def _write_record(out: Path, settings: dict[str, Any], args, status: str, timings) -> None:
+    record = {
+        "command": "cosine",
+        "settings": settings,
+        "options": {
+            "preset": args.preset,
+            "data_dir": None if args.data_dir is None else str(args.data_dir),
+            "device": args.device,
+            "checkpoint_every": args.checkpoint_every,
+            "smoothing": args.smoothing,
+        },
+        "status": status,
+        "versions": versions(),
+        "timings_s": timings,
+    }
+    (out / RUN_NAME).write_text(json.dumps(record, indent=2))
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run (or resume) the analysis; see the module docstring for the files."""
+    if args.resume and args.out is None:
+        raise UsageError("--resume needs --out, the folder of the run to continue")
+    settings = _saved_settings(args.out, args) if args.resume else _settings(args)
+    out = args.out or _default_out(settings)
+    start = time.perf_counter()
+    problem_args = argparse.Namespace(
+        **{k: settings[k] for k in ("dataset", "model", "seed", "dtype")},
+        data_dir=args.data_dir,
+        download=args.download,
+        device=args.device,
+    )
+    dataset, model_name, model = dataset_and_model(problem_args)
+    settings["model"] = model_name
+    check_layers(model, settings["layers"])
+    config = CosineConfig(
+        methods=settings["methods"],
+        iterations=settings["iterations"],
+        batch_size=settings["batch_size"],
+        lr=settings["lr"],
+        damping=settings["damping"],
+        layers=settings["layers"],
+        seed=settings["seed"],
+    )
+    device = parse_device(args.device)
+    analysis = CosineRun(model, nn.CrossEntropyLoss(), dataset.train_x, dataset.train_y, config)
+    out.mkdir(parents=True, exist_ok=True)
+    recorder = _Recorder(out, analysis, args.checkpoint_every)
+    if args.resume:
+        state = torch.load(out / STATE_NAME, map_location=device, weights_only=True)
+        analysis.load_state_dict(state)
+        previous = _recorded_rows(out / CSV_NAME, analysis.iteration)
+        print(f"resuming {out} at iteration {analysis.iteration} of {config.iterations}")
+    else:
+        previous = pd.DataFrame(columns=list(COLUMNS))
+    recorder.start(previous)
+    remaining = max(config.iterations - analysis.iteration, 0)
+    loaded = time.perf_counter()
+    status = "complete"
+    timings: dict[str, float] = {"load": loaded - start}
+    _write_record(out, settings, args, "running", timings)
+    print(
+        f"cosine along the BDF trajectory: {model_name} on {dataset.name}, "
+        f"{remaining} iterations of batch {config.batch_size}, lr {config.lr:g}, "
+        f"damping {config.damping:g}, methods {','.join(config.methods)} → {out}"
+    )
+    try:
+        analysis.run(remaining, on_record=recorder, progress=args.progress)
+    except CosineDivergedError as err:
+        status = "diverged"
+        raise MBFError(
+            f"{err} The iterations before it are in {out / CSV_NAME}; start a new run with "
+            "another --out."
+        ) from err
+    except KeyboardInterrupt:
+        status = "interrupted"
+        print(f"\ninterrupted; continue with: mbf-analyze cosine --resume --out {out}")
+        raise SystemExit(130) from None
+    finally:
+        done = time.perf_counter()
+        timings["iterations"] = done - loaded
+        timings["per_iteration"] = (done - loaded) / max(remaining, 1)
+        if status == "complete":
+            recorder.save()
+        _write_record(out, settings, args, status, timings)
+    frame = pd.read_csv(out / CSV_NAME)
+    fig = plot_cosines(frame, smoothing=args.smoothing)
+    png, pdf = save_figure(fig, out / FIGURE_NAME)
+    timings["plot"] = time.perf_counter() - done
+    _write_record(out, settings, args, status, timings)
+    table = median_table(frame)
+    final = frame.groupby("iteration")["loss"].first()
+    print(
+        f"median cosine with BDF over iterations 0-{int(final.index.max())} "
+        f"(loss {final.iloc[0]:.3g} → {final.iloc[-1]:.3g}):"
+    )
+    with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
+        print(table.to_string())
+    print(
+        f"{timings['per_iteration']:.3f} s per iteration; wrote {out / CSV_NAME}, "
+        f"{out / STATE_NAME}, {out / RUN_NAME}, {png.name}, {pdf.name}"
+    )
