@@ -3,7 +3,9 @@
 The optimizer records the factors with its own hooks during the training forward/backward pass;
 the method gets them from ``collect`` on a hook-free copy of the model at the same iterate.
 Directions must agree at every step, with the periods, both damping modes and the momentum in
-play.
+play, for the empirical and the true Fisher (the same sampled labels: the same generator seed).
+The true-Fisher step is also checked against an explicit computation: per-sample loops for
+``A`` and ``G`` and a dense ``torch.kron`` solve for the direction.
 """
 
 import copy
@@ -18,10 +20,10 @@ from optim_cases import net as _net
 from torch import nn
 
 from mbf_analysis import methods
-from mbf_analysis.curvature.collect import GRAD, KFAC_FACTORS, collect
+from mbf_analysis.curvature.collect import GRAD, KFAC_FACTORS, KFAC_FACTORS_SAMPLED, collect
 from mbf_analysis.errors import NonFiniteError
 from mbf_analysis.layout import model_layouts
-from mbf_analysis.optim import KFAC
+from mbf_analysis.optim import KFAC, kfac_true_step
 
 CE = nn.CrossEntropyLoss()
 
@@ -145,8 +147,287 @@ def test_state_dict_resume_and_fallback_warning():
         ({"damping_mode": "exact"}, "damping_mode"),
         ({"stat_period": 0}, "stat_period"),
         ({"momentum": -0.1}, "momentum"),
+        ({"true_fisher": 1}, "true_fisher must be True or False"),
     ],
 )
 def test_invalid_settings_raise(setting, match):
     with pytest.raises(ValueError, match=match):
         KFAC(_net(), **({"lr": 0.1} | setting))
+
+
+# ----------------------------------------------------------------------------- true Fisher
+def _seeded(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("mode", ["split", "eigen"])
+def test_true_fisher_factors_and_directions_match_methods_kfac(mode):
+    model = _net()
+    twin = copy.deepcopy(model)
+    lr = 0.02
+    opt = KFAC(
+        model,
+        lr=lr,
+        damping_mode=mode,
+        stat_period=2,
+        inverse_period=3,
+        true_fisher=True,
+        **SETTINGS,
+    )
+    method = methods.get(
+        "kfac",
+        fisher="true",
+        damping_mode=mode,
+        stat_period=2,
+        inverse_period=3,
+        damping=SETTINGS["damping"],
+        momentum=SETTINGS["momentum"],
+        dampening=SETTINGS["dampening"],
+        decay=SETTINGS["stat_decay"],
+    )
+    layouts = model_layouts(model)
+    factored = {"0": model[0], "3": model[3], "5": model[5], "7": model[7]}
+    for k, (x, y) in enumerate(_batches(5)):
+        twin.load_state_dict(model.state_dict())
+        stats = collect(twin, CE, x, y, {GRAD, KFAC_FACTORS_SAMPLED}, generator=_seeded(10 + k))
+        method.update(stats)
+        expected = method.direction()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        kfac_true_step(opt, model, CE, x, y, generator=_seeded(10 + k))
+        for name, module in factored.items():
+            state = opt.state[module.weight]
+            for key in ("A", "G"):
+                torch.testing.assert_close(
+                    state[key], method.state[name][key], rtol=1e-10, atol=1e-12, msg=f"{k} {key}"
+                )
+        moved = {n: (before[n] - p.detach()) / lr for n, p in model.named_parameters()}
+        for name, layout in layouts.items():
+            got = layout.flatten({n: moved[n] for n in layout.param_names})
+            torch.testing.assert_close(
+                got, expected[name], rtol=1e-8, atol=1e-10, msg=f"{k} {name}"
+            )
+    sampled = stats.kfac_sampled["7"].G
+    empirical = collect(twin, CE, x, y, {KFAC_FACTORS}).kfac["7"].G
+    assert not torch.allclose(sampled, empirical)  # the sampled labels make a difference
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3)).to(DT)
+
+
+def _problem(kind):
+    """An MLP, inputs ``[5, 4]``, real targets, its loss module and the explicit ``ℓ_n``."""
+    gen = _seeded(3)
+    x = torch.randn(5, 4, generator=gen, dtype=DT)
+    if kind == "ce":
+        y = torch.randint(0, 3, (5,), generator=gen)
+        per_sample = lambda f, t: nn.functional.cross_entropy(f, t, reduction="sum")  # noqa: E731
+        return x, y, nn.CrossEntropyLoss(), per_sample
+    if kind == "mse":
+        y = torch.randn(5, 3, generator=gen, dtype=DT)
+        return x, y, nn.MSELoss(), lambda f, t: 0.5 * (f - t).square().sum()
+    y = torch.randint(0, 2, (5, 3), generator=gen).to(DT)
+    per_sample = lambda f, t: nn.functional.binary_cross_entropy_with_logits(  # noqa: E731
+        f, t, reduction="sum"
+    )
+    return x, y, nn.BCEWithLogitsLoss(), per_sample
+
+
+def _sample(kind, f, gen):
+    """One label per row of ``f`` from the predictive distribution (METHODS.md §1)."""
+    if kind == "ce":
+        return torch.multinomial(torch.softmax(f, dim=1), 1, generator=gen).squeeze(1)
+    if kind == "mse":
+        return f + torch.randn(f.shape, generator=gen, dtype=f.dtype)
+    return torch.bernoulli(torch.sigmoid(f), generator=gen)
+
+
+def _explicit_factors(model, kind, x, per_sample, seed):
+    """``A = (1/m) Σ ā āᵀ`` and ``G = (1/m) Σ δ δᵀ`` (``δ_n = ∂ℓ(f_n, ŷ_n)/∂s_n``) per layer."""
+    with torch.no_grad():
+        labels = _sample(kind, model(x), _seeded(seed))
+    first, act, second = model
+    A = {"0": 0, "2": 0}
+    G = {"0": 0, "2": 0}
+    for x_n, y_n in zip(x, labels, strict=True):
+        s1 = first(x_n)
+        h = act(s1)
+        s2 = second(h)
+        deltas = torch.autograd.grad(per_sample(s2, y_n), [s1, s2])
+        for name, a, delta in (("0", x_n, deltas[0]), ("2", h.detach(), deltas[1])):
+            a_bar = torch.cat([a, a.new_ones(1)])
+            A[name] = A[name] + torch.outer(a_bar, a_bar) / len(x)
+            G[name] = G[name] + torch.outer(delta, delta) / len(x)
+    return A, G
+
+
+def _explicit_direction(A, G, M_bar, damping, mode):
+    """``vec D = K⁻¹ vec M̄`` (column-stacked) with the dense ``K`` of ``torch.kron``."""
+    eye_a = torch.eye(len(A), dtype=DT)
+    eye_g = torch.eye(len(G), dtype=DT)
+    if mode == "eigen":
+        K = torch.kron(A, G) + damping * torch.eye(len(A) * len(G), dtype=DT)
+    else:
+        pi = ((torch.trace(A) / len(A)) / (torch.trace(G) / len(G))).sqrt()
+        root = damping**0.5
+        K = torch.kron(A + pi * root * eye_a, G + root / pi * eye_g)
+    vec = torch.linalg.solve(K, M_bar.mT.reshape(-1))
+    return vec.reshape(len(A), len(G)).mT
+
+
+@pytest.mark.parametrize("mode", ["split", "eigen"])
+@pytest.mark.parametrize("kind", ["ce", "mse", "bce"])
+def test_true_fisher_step_equals_explicit_factors_and_kron_solve(kind, mode):
+    model = _mlp()
+    x, y, loss_fn, per_sample = _problem(kind)
+    A, G = _explicit_factors(model, kind, x, per_sample, seed=7)
+    grads = torch.autograd.grad(loss_fn(model(x), y), list(model.parameters()))
+    lr, damping = 0.1, 0.05
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = KFAC(model, lr=lr, damping=damping, damping_mode=mode, stat_decay=0.0, true_fisher=True)
+    kfac_true_step(opt, model, loss_fn, x, y, generator=_seeded(7))
+    for i, name in ((0, "0"), (2, "2")):
+        state = opt.state[model[i].weight]
+        torch.testing.assert_close(state["A"], A[name], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(state["G"], G[name], rtol=1e-10, atol=1e-14)
+        j = 2 * (i // 2)  # weight, bias index in parameters()
+        M_bar = torch.cat([grads[j], grads[j + 1].unsqueeze(1)], dim=1)  # k = 0: m = g
+        D = _explicit_direction(A[name], G[name], M_bar, damping, mode)
+        got = torch.cat(
+            [(before[j] - model[i].weight) / lr, ((before[j + 1] - model[i].bias) / lr)[:, None]],
+            dim=1,
+        )
+        torch.testing.assert_close(got.detach(), D, rtol=1e-8, atol=1e-12)
+
+
+def test_each_group_takes_g_from_its_own_backward_pass():
+    model = _net()
+    twin = copy.deepcopy(model)
+    first, rest = [0, 5], [1, 3, 7]
+    groups = [
+        {"params": [p for i in first for p in model[i].parameters()], "true_fisher": True},
+        {"params": [p for i in rest for p in model[i].parameters()]},
+    ]
+    opt = KFAC(model, lr=0.01, stat_decay=0.0, params=groups)
+    x, y = _batches(1)[0]
+    stats = collect(twin, CE, x, y, {KFAC_FACTORS, KFAC_FACTORS_SAMPLED}, generator=_seeded(4))
+    kfac_true_step(opt, model, CE, x, y, generator=_seeded(4))
+    for i in first + [3, 7]:
+        source = stats.kfac_sampled if i in first else stats.kfac
+        state = opt.state[model[i].weight]
+        torch.testing.assert_close(state["A"], source[str(i)].A, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(state["G"], source[str(i)].G, rtol=1e-10, atol=1e-14)
+
+
+def test_closure_with_sampled_backward_equals_kfac_true_step():
+    batches = _batches(4)
+    settings = dict(lr=0.02, stat_period=2, inverse_period=3, true_fisher=True, **SETTINGS)
+    model = _net()
+    opt = KFAC(model, **settings)
+    gen = _seeded(0)
+    for x, y in batches:
+        kfac_true_step(opt, model, CE, x, y, generator=gen)
+    model2 = _net()
+    opt2 = KFAC(model2, **settings)
+    gen2 = _seeded(0)
+    for k, (x, y) in enumerate(batches):
+
+        def closure(x=x, y=y):
+            opt2.zero_grad()
+            outputs = model2(x)
+            loss = CE(outputs, y)
+            loss.backward(retain_graph=opt2.needs_sampled_backward())
+            opt2.sampled_backward(outputs, CE, generator=gen2)
+            return loss
+
+        drawn = gen2.get_state()
+        assert opt2.needs_sampled_backward() == (k % 2 == 0)
+        opt2.step(closure)
+        # Labels are drawn on statistics steps only.
+        assert torch.equal(gen2.get_state(), drawn) == (k % 2 == 1)
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_true_fisher_state_dict_resume_is_bit_exact_with_the_generator():
+    batches = _batches(6)
+    settings = dict(
+        lr=0.02, stat_period=2, inverse_period=3, damping_mode="eigen", true_fisher=True
+    )
+
+    def run(model, opt, part, gen):
+        for x, y in part:
+            kfac_true_step(opt, model, CE, x, y, generator=gen)
+
+    model = _net()
+    run(model, KFAC(model, **settings, **SETTINGS), batches, _seeded(5))
+    model2 = _net()
+    opt2 = KFAC(model2, **settings, **SETTINGS)
+    gen = _seeded(5)
+    run(model2, opt2, batches[:3], gen)
+    buffer = io.BytesIO()
+    torch.save({"optimizer": opt2.state_dict(), "generator": gen.get_state()}, buffer)
+    buffer.seek(0)
+    opt2.remove_hooks()
+    saved = torch.load(buffer)
+    opt3 = KFAC(model2, lr=1.0)  # the saved settings replace these
+    opt3.load_state_dict(saved["optimizer"])
+    assert opt3.param_groups[0]["true_fisher"] is True
+    gen3 = torch.Generator()
+    gen3.set_state(saved["generator"])
+    run(model2, opt3, batches[3:], gen3)
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_state_saved_without_true_fisher_loads_as_empirical():
+    model = _net()
+    opt = KFAC(model, lr=0.01)
+    x, y = _batches(1)[0]
+    CE(model(x), y).backward()
+    opt.step()
+    old = opt.state_dict()
+    for group in old["param_groups"]:
+        del group["true_fisher"]
+    opt.remove_hooks()
+    opt2 = KFAC(model, lr=0.01, true_fisher=True)
+    opt2.load_state_dict(old)
+    assert opt2.param_groups[0]["true_fisher"] is False
+    opt2.zero_grad()
+    CE(model(x), y).backward()
+    opt2.step()  # a plain step: the empirical factors come from this backward pass
+    assert opt2.state[model[7].weight]["step"] == 2
+
+
+def test_true_fisher_misuse_raises_naming_the_fix():
+    model = _net()
+    x, y = _batches(1)[0]
+    opt = KFAC(model, lr=0.01, true_fisher=True)
+    CE(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"true_fisher=True.*sampled_backward.*kfac_true_step"):
+        opt.step()
+    opt.zero_grad()
+
+    def closure():
+        loss = CE(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match=r"sampled_backward\(outputs, loss_fn\)"):
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert not any(opt.state[p] for p in model.parameters())
+    with torch.no_grad():
+        detached = model(x)
+    with pytest.raises(ValueError, match="requires_grad"):
+        opt.sampled_backward(detached, CE)
+    with pytest.raises(TypeError, match="unsupported loss L1Loss"):
+        opt.sampled_backward(model(x), nn.L1Loss())
+    opt.remove_hooks()
+    plain = KFAC(model, lr=0.01)
+    with pytest.raises(ValueError, match="no param group has true_fisher=True"):
+        plain.sampled_backward(model(x), CE)
+    with pytest.raises(ValueError, match="no param group has true_fisher=True"):
+        kfac_true_step(plain, model, CE, x, y)

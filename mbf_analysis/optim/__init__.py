@@ -3,15 +3,16 @@
 - :class:`MBF`: the Mini-Block Fisher method (Algorithm 2 of the paper) with a bucketed,
   batched fast path and a per-block reference path; :func:`mbf_true_step` runs MBF-True's
   extra sampled-label backward pass;
-- :class:`KFAC`: KFAC / KFC with its own forward and backward hooks;
+- :class:`KFAC`: KFAC / KFC with its own forward and backward hooks (empirical or, with
+  ``true_fisher=True``, true Fisher); :func:`kfac_true_step` runs its sampled-label backward pass;
 - :class:`Shampoo`: Shampoo with EMA statistics.
 
 All three take the same momentum (torch SGD convention), periods ``T1``/``T2`` and decoupled
 weight decay, work with parameter groups, ``state_dict``, LR schedulers and closures.
 """
 
-from mbf_analysis.optim.kfac import KFAC
+from mbf_analysis.optim.kfac import KFAC, kfac_true_step
 from mbf_analysis.optim.mbf import MBF, mbf_true_step
 from mbf_analysis.optim.shampoo import Shampoo
 
-__all__ = ["KFAC", "MBF", "Shampoo", "mbf_true_step"]
+__all__ = ["KFAC", "MBF", "Shampoo", "kfac_true_step", "mbf_true_step"]

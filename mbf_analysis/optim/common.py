@@ -7,7 +7,9 @@
 - ``check_*`` validate hyper-parameters with messages that name the setting and the group;
 - :func:`check_gradients` refuses NaN/Inf gradients (naming the parameter) before any state changes;
 - :func:`decoupled_update_` applies ``θ ← (1 − αγ) θ`` then ``θ ← θ − α d`` with
-  ``torch._foreach_*`` kernels.
+  ``torch._foreach_*`` kernels;
+- :func:`sampled_label_loss` is the mean loss on labels sampled from the model, whose backward
+  pass gives the true-Fisher statistics of MBF-True and of KFAC with ``true_fisher=True``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from mbf_analysis.curvature.losses import likelihood_of
 from mbf_analysis.errors import NonFiniteError, UnsupportedModuleError
 from mbf_analysis.layout import BlockGroup, LayerLayout, layout_of
 
@@ -42,6 +45,7 @@ __all__ = [
     "group_gradients",
     "decoupled_update_",
     "resolve_params",
+    "sampled_label_loss",
     "warn_fallback",
 ]
 
@@ -342,6 +346,34 @@ def decoupled_update_(
         if weight_decay != 0:
             torch._foreach_mul_(params, 1.0 - lr * weight_decay)
         torch._foreach_add_(params, directions, alpha=-lr)
+
+
+def sampled_label_loss(
+    loss_fn: nn.Module, outputs: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
+    """``L̂ = (1/m) Σ_n ℓ(f_n, ŷ_n)`` with one label ``ŷ_n ~ p(· | f_n)`` per sample.
+
+    The labels come from :meth:`~mbf_analysis.curvature.losses.Likelihood.sample_targets` and
+    ``ℓ`` follows METHODS.md §1 (MSE as ``½‖f − ŷ‖²``; ``loss_fn``'s ``reduction`` is ignored),
+    so ``∇L̂`` is the ``sampled_grad`` of :func:`~mbf_analysis.curvature.collect.collect` and
+    ``m · ∂L̂/∂s`` its per-sample pre-activation gradient. With the same generator state the
+    labels are those ``collect`` draws from the same outputs.
+
+    Args:
+        loss_fn: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss``.
+        outputs: ``f``, ``[m, C]`` (``[m, *]`` for MSE and BCE), attached to the graph.
+        generator: Randomness of the sampled labels.
+
+    Returns:
+        The scalar ``L̂`` (differentiable with respect to ``outputs``).
+
+    Raises:
+        TypeError: For an unsupported loss module (see
+            :func:`~mbf_analysis.curvature.losses.likelihood_of`).
+    """
+    likelihood = likelihood_of(loss_fn)
+    sampled = likelihood.sample_targets(outputs, generator)
+    return likelihood.summed_loss()(outputs, sampled) * (likelihood.grad_scale / len(outputs))
 
 
 class CheckedLoad(Optimizer):

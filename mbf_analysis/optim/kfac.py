@@ -1,14 +1,40 @@
 r"""KFAC / KFC as a ``torch.optim.Optimizer`` (Martens & Grosse 2015; Grosse & Martens 2016).
 
 The formulas of :mod:`mbf_analysis.methods.kfac` with the factors of
-:mod:`mbf_analysis.curvature.kfac` (their scaling is stated there). The optimizer registers its
-own hooks on the model's ``nn.Linear`` and ``nn.Conv2d`` layers: on the forward and backward
-passes before a statistics step (``k ≡ 0 mod T1``) a forward hook turns the layer input into
-``A_batch`` (:func:`~mbf_analysis.curvature.kfac.input_factor`) and a tensor hook on the output
-turns its gradient into ``G_batch`` (:func:`~mbf_analysis.curvature.kfac.output_factor`, with
-``δ = m · ∂L/∂s``: the loss must be the **mean** of the per-sample losses over the ``m`` samples
-of the batch). Several forward/backward passes before one step (gradient accumulation) are
-averaged. Hooks record nothing under ``torch.no_grad()`` or on other steps. At step ``k``:
+:mod:`mbf_analysis.curvature.kfac`. For a Linear or Conv2d layer with weight ``W [g, a']``
+(Conv2d: ``[C_out, C_in, k_h, k_w]``, ``a' = C_in·k_h·k_w``), bias ``b [g]`` and ``W̄ = [W b]``
+``[g, a]`` (``a = a' + 1`` with a bias), the layer's Fisher block for column-stacked
+``vec W̄`` is approximated by ``A ⊗ G`` with
+
+.. math::
+
+    A_{\mathrm{batch}} = \frac{1}{m} \sum_{n=1}^{m} \sum_{t=1}^{T}
+        \bar a_{n,t} \bar a_{n,t}^\top \ \ [a, a], \qquad
+    G_{\mathrm{batch}} = \frac{1}{m T} \sum_{n=1}^{m} \sum_{t=1}^{T}
+        \delta_{n,t} \delta_{n,t}^\top \ \ [g, g],
+
+``ā = [a; 1]`` the layer input (Conv2d: the unfolded patch at output location ``t``, ``T = o_h·o_w``
+locations; Linear on ``[m, n_in]``: ``T = 1``) and ``δ_{n,t} = ∂ℓ_n/∂s_{n,t}`` the unscaled
+per-sample pre-activation gradient (METHODS.md §1; KFC's scaling, stated with its relation to
+curvlinops in :mod:`mbf_analysis.curvature.kfac`). The optimizer registers its own hooks on the
+model's ``nn.Linear`` and ``nn.Conv2d`` layers: on the passes before a statistics step
+(``k ≡ 0 mod T1``) a forward hook turns the layer input into ``A_batch``
+(:func:`~mbf_analysis.curvature.kfac.input_factor`) and a tensor hook on the output turns its
+gradient into ``G_batch`` (:func:`~mbf_analysis.curvature.kfac.output_factor`, with
+``δ = m · ∂L/∂s``: the loss ``L`` must be the **mean** of the per-sample losses over the ``m``
+samples of the batch). Which backward pass gives ``δ`` is a per-group choice:
+
+- ``true_fisher=False`` (default): the backward pass the user runs, on the real labels
+  (*empirical* KFAC);
+- ``true_fisher=True``: the paper's KFAC (true Fisher). One extra backward pass of
+  ``L̂ = (1/m) Σ_n ℓ(f_n, ŷ_n)`` with one label ``ŷ_n ~ p(· | f_n)`` drawn per input from the
+  model's predictive distribution (:func:`~mbf_analysis.optim.common.sampled_label_loss`, the
+  convention of :func:`~mbf_analysis.curvature.collect.collect`'s ``kfac_factors_sampled``; MSE
+  as ``½‖f − ŷ‖²``), run by :meth:`KFAC.sampled_backward` or :func:`kfac_true_step`; the
+  backward pass on the real labels then only feeds the gradient (and the momentum).
+
+Several forward/backward passes before one step (gradient accumulation) are averaged. Hooks
+record nothing under ``torch.no_grad()`` or on other steps. At step ``k``:
 
 .. math::
 
@@ -16,23 +42,26 @@ averaged. Hooks record nothing under ``torch.no_grad()`` or on other steps. At s
     A &\leftarrow \beta A + (1 - \beta) A_{\mathrm{batch}}, \quad
     G \leftarrow \beta G + (1 - \beta) G_{\mathrm{batch}} \quad (k \equiv 0 \bmod T_1),
 
-inverses refreshed when ``k ≡ 0 (mod T2)``, and for the momentum matrix ``M̄ = [M b]``:
+inverses refreshed when ``k ≡ 0 (mod T2)``, and for the momentum matrix ``M̄ = [M b]``
+``[g, a]`` (:func:`~mbf_analysis.curvature.kfac.to_matrix`):
 
-- ``damping_mode="split"``: ``D = (G + π⁻¹√λ I)⁻¹ M̄ (A + π√λ I)⁻¹``;
-- ``damping_mode="eigen"``: ``vec D = (A ⊗ G + λI)⁻¹ vec M̄``;
+- ``damping_mode="split"``: ``D = (G + π⁻¹√λ I)⁻¹ M̄ (A + π√λ I)⁻¹``,
+  ``π² = (tr A / a) / (tr G / g)``, i.e. ``vec D = ((A + π√λ I) ⊗ (G + π⁻¹√λ I))⁻¹ vec M̄``;
+- ``damping_mode="eigen"``: ``vec D = (A ⊗ G + λI)⁻¹ vec M̄`` (exact, through the
+  eigendecompositions of ``A`` and ``G``);
 
-then ``θ ← (1 − αγ) θ − α d``. ``G`` comes from the backward pass the user runs, so this is the
-*empirical* KFAC (real labels); the true-Fisher variant (sampled labels) is in
-:mod:`mbf_analysis.methods`. Layers without Kronecker factors (normalization layers, grouped
+then ``θ ← (1 − αγ) θ − α d``. Layers without Kronecker factors (normalization layers, grouped
 convolutions, parameters without a layout) use ``d = m`` (the paper's choice for BatchNorm);
 one warning lists those that are not normalization layers.
 
 Under ``torch.distributed`` the batch factors are averaged over the processes before the EMA
-(with equal local batch sizes this gives the factors of the combined batch).
+(with equal local batch sizes this gives the factors of the combined batch), for both variants.
 
 State: every parameter ``"step"``, ``"momentum_buffer"``; the weight of a factored layer also
-``"A"``, ``"G"`` and the cached inverse (``"q_a"``, ``"w_a"``, ``"q_g"``, ``"w_g"`` or ``"p_a"``,
-``"p_g"``).
+``"A"`` ``[a, a]``, ``"G"`` ``[g, g]`` and the cached inverse (``"q_a"``, ``"w_a"``, ``"q_g"``,
+``"w_g"`` or ``"p_a"``, ``"p_g"``). The sampling generator is the caller's: to resume a
+true-Fisher run bit for bit, save and restore its state (``Generator.get_state``) with the
+optimizer's.
 """
 
 from __future__ import annotations
@@ -66,6 +95,7 @@ from mbf_analysis.methods.base import momentum_
 from mbf_analysis.optim.common import (
     PlacedLayer,
     PlacedOptimizer,
+    check_bool,
     check_choice,
     check_curvature_settings,
     check_gradients,
@@ -73,10 +103,11 @@ from mbf_analysis.optim.common import (
     decoupled_update_,
     group_gradients,
     place,
+    sampled_label_loss,
     warn_fallback,
 )
 
-__all__ = ["KFAC"]
+__all__ = ["KFAC", "kfac_true_step"]
 
 
 @dataclass(eq=False)
@@ -98,7 +129,24 @@ def _add(total: Tensor | None, value: Tensor) -> Tensor:
 
 
 class KFAC(PlacedOptimizer):
-    """Empirical KFAC / KFC with momentum and decoupled weight decay (module docstring).
+    """KFAC / KFC with momentum and decoupled weight decay (module docstring for the formulas).
+
+    Example (the paper's true-Fisher KFAC)::
+
+        optimizer = KFAC(model, lr=0.1, true_fisher=True)
+        for x, y in loader:
+            kfac_true_step(optimizer, model, loss_fn, x, y, generator=generator)
+
+    or, in a loop of one's own (a closure may do the same)::
+
+        optimizer.zero_grad()
+        outputs = model(x)
+        loss = loss_fn(outputs, y)
+        loss.backward(retain_graph=optimizer.needs_sampled_backward())
+        optimizer.sampled_backward(outputs, loss_fn, generator=generator)
+        optimizer.step()
+
+    With ``true_fisher=False`` a plain ``loss.backward(); optimizer.step()`` loop suffices.
 
     Args:
         model: The model; the optimizer hooks its Linear and Conv2d layers (remove the hooks
@@ -112,6 +160,10 @@ class KFAC(PlacedOptimizer):
         weight_decay: Decoupled ``γ ≥ 0`` (per group).
         stat_period: ``T1 ≥ 1`` (per group).
         inverse_period: ``T2 ≥ 1`` (per group).
+        true_fisher: ``G`` from labels sampled from the model (per group), recorded by
+            :meth:`sampled_backward`. The default ``False`` (empirical Fisher, real labels) keeps
+            plain ``loss.backward(); step()`` loops working; the paper's KFAC baseline (and
+            ``methods.get("kfac")``, whose default is ``fisher="true"``) is ``True``.
         params: Parameters or groups (default: the model's trainable parameters); a layer's
             weight and bias must be in the same group.
 
@@ -135,10 +187,12 @@ class KFAC(PlacedOptimizer):
         weight_decay: float = 0.0,
         stat_period: int = 10,
         inverse_period: int = 100,
+        true_fisher: bool = False,
         params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
     ) -> None:
         self._records: dict[str, _Record] = {}
         self._handles: list[RemovableHandle] = []
+        self._sampled = False
         defaults = {
             "lr": lr,
             "damping": damping,
@@ -149,6 +203,7 @@ class KFAC(PlacedOptimizer):
             "weight_decay": weight_decay,
             "stat_period": stat_period,
             "inverse_period": inverse_period,
+            "true_fisher": true_fisher,
         }
         super().__init__(model, params, defaults)
 
@@ -157,6 +212,7 @@ class KFAC(PlacedOptimizer):
         check_curvature_settings(owner, group, index)
         check_number(owner, index, "damping", group["damping"], low=0.0, low_open=True)
         check_choice(owner, "damping_mode", group["damping_mode"], ("split", "eigen"))
+        check_bool(owner, index, "true_fisher", group["true_fisher"])
 
     def _refresh_placement(self) -> None:
         """Place the parameters, (re)register the hooks, warn once about unfactored layers."""
@@ -203,21 +259,93 @@ class KFAC(PlacedOptimizer):
             output.register_hook(partial(self._backward, record, module, x.shape[0]))
 
     def _backward(self, record: _Record, module: nn.Module, batch: int, grad: Tensor) -> None:
+        if self._sampled != self.param_groups[record.layer.group]["true_fisher"]:
+            return
         record.g_sum = _add(record.g_sum, output_factor(module, grad.detach() * batch))
         record.g_count += 1
 
     def _after_load(self) -> None:
-        """Validate the loaded settings."""
+        """Validate the loaded settings (states saved before ``true_fisher`` existed: ``False``)."""
         for index, group in enumerate(self.param_groups):
+            group.setdefault("true_fisher", False)
             self._check_settings(group, index)
+
+    def needs_sampled_backward(self) -> bool:
+        """Whether the next :meth:`step` updates the factors of a ``true_fisher`` group.
+
+        Only then does :meth:`sampled_backward` run a backward pass (so only then must the
+        real-label backward pass retain the graph).
+        """
+        return any(
+            group["true_fisher"] and self._due(index)
+            for index, group in enumerate(self.param_groups)
+        )
+
+    def sampled_backward(
+        self, outputs: Tensor, loss_fn: nn.Module, *, generator: torch.Generator | None = None
+    ) -> None:
+        """Record the true-Fisher ``G`` of the ``true_fisher`` groups from sampled labels.
+
+        Back-propagates :func:`~mbf_analysis.optim.common.sampled_label_loss` (``L̂``, one label
+        ``ŷ_n ~ p(· | f_n)`` per input) from ``outputs`` to the factored layers of the
+        ``true_fisher`` groups; their output hooks turn ``m · ∂L̂/∂s`` into ``G_batch``. The
+        parameters' ``.grad`` are left untouched. Does nothing (draws no labels) when
+        :meth:`needs_sampled_backward` is ``False``. Call it after the forward pass and before
+        :meth:`step`; after ``loss.backward()`` that pass must have used ``retain_graph=True``.
+
+        Args:
+            outputs: ``f``, the model outputs of this batch's forward pass, ``[m, C]``.
+            loss_fn: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss``
+                (selects the predictive distribution; its ``reduction`` is ignored).
+            generator: Randomness of the sampled labels.
+
+        Raises:
+            ValueError: If no param group has ``true_fisher=True``, or ``outputs`` is not
+                attached to an autograd graph.
+            TypeError: For an unsupported loss module.
+        """
+        if not any(group["true_fisher"] for group in self.param_groups):
+            raise ValueError(
+                f"{self.OWNER}: sampled_backward was called, but no param group has "
+                "true_fisher=True; its sampled-label factors would be ignored. Construct the "
+                "optimizer with true_fisher=True, or drop the call for the empirical Fisher."
+            )
+        if not self.needs_sampled_backward():
+            return
+        if not outputs.requires_grad:
+            raise ValueError(
+                f"{self.OWNER}: sampled_backward needs the model outputs of a forward pass run "
+                "with gradients enabled (outputs.requires_grad is False)."
+            )
+        weights = [
+            record.layer.params[0]
+            for record in self._records.values()
+            if self.param_groups[record.layer.group]["true_fisher"]
+            and self._due(record.layer.group)
+        ]
+        loss = sampled_label_loss(loss_fn, outputs, generator)
+        self._sampled = True
+        try:
+            torch.autograd.grad(loss, weights, allow_unused=True)
+        finally:
+            self._sampled = False
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One KFAC step for every group whose parameters have gradients.
 
+        Args:
+            closure: Re-evaluates the model and returns the loss (called with gradients
+                enabled, before the step); for ``true_fisher`` groups it must also call
+                :meth:`sampled_backward`.
+
+        Returns:
+            The closure's loss, or ``None``.
+
         Raises:
             NonFiniteError: If a gradient or a batch factor holds NaN/Inf (nothing changes).
-            RuntimeError: If no factors were recorded before a statistics step.
+            RuntimeError: If no factors were recorded before a statistics step (for a
+                ``true_fisher`` group: no :meth:`sampled_backward` pass).
         """
         loss = None
         if closure is not None:
@@ -245,6 +373,18 @@ class KFAC(PlacedOptimizer):
             index = record.layer.group
             if index not in active or not self._due(index):
                 continue
+            if (
+                record.a_count > 0
+                and record.g_count == 0
+                and self.param_groups[index]["true_fisher"]
+            ):
+                raise RuntimeError(
+                    f"{self.OWNER}: param group {index} has true_fisher=True and updates its "
+                    f"factors at this step, but no sampled-label output gradient was recorded for "
+                    f"layer '{record.layer.name}'; after loss.backward(retain_graph=True) call "
+                    "optimizer.sampled_backward(outputs, loss_fn) (also inside a closure), or use "
+                    "kfac_true_step(optimizer, model, loss_fn, inputs, targets)."
+                )
             if record.a_count == 0 or record.g_count == 0:
                 raise RuntimeError(
                     f"{self.OWNER}: no layer input or output gradient was recorded for layer "
@@ -307,3 +447,41 @@ class KFAC(PlacedOptimizer):
         )
         for p in params:
             self.state[p]["step"] = k + 1
+
+
+def kfac_true_step(
+    optimizer: KFAC,
+    model: nn.Module,
+    loss_fn: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One true-Fisher KFAC training step: forward, backward, sampled-label backward, step.
+
+    The momentum uses the gradient of ``loss_fn(model(inputs), targets)`` (a mean loss); on
+    statistics steps (:meth:`KFAC.needs_sampled_backward`) :meth:`KFAC.sampled_backward` records
+    ``G`` from one label per input drawn from the model's predictive distribution. The analogue
+    of :func:`~mbf_analysis.optim.mbf.mbf_true_step`; with the same generator state it draws the
+    labels :func:`~mbf_analysis.curvature.collect.collect` draws for ``kfac_factors_sampled``.
+
+    Args:
+        optimizer: A :class:`KFAC` with ``true_fisher=True`` groups.
+        model: The model (or its DDP wrapper).
+        loss_fn: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss``.
+        inputs: ``[m, *in_shape]``.
+        targets: The real labels.
+        generator: Randomness of the sampled labels.
+
+    Returns:
+        The (detached) loss on the real labels.
+    """
+    optimizer.zero_grad()
+    outputs = model(inputs)
+    loss = loss_fn(outputs, targets)
+    needed = optimizer.needs_sampled_backward()
+    loss.backward(retain_graph=needed)
+    optimizer.sampled_backward(outputs, loss_fn, generator=generator)
+    optimizer.step()
+    return loss.detach()

@@ -86,7 +86,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from mbf_analysis.curvature.losses import likelihood_of
 from mbf_analysis.linalg import damped_inverse
 from mbf_analysis.methods.base import momentum_
 from mbf_analysis.methods.mbf import BlockMode, BlockPlan, plan_blocks
@@ -102,6 +101,7 @@ from mbf_analysis.optim.common import (
     decoupled_update_,
     group_gradients,
     place,
+    sampled_label_loss,
     warn_fallback,
 )
 
@@ -764,11 +764,8 @@ def mbf_true_step(
     loss.backward(retain_graph=needed)
     curvature = None
     if needed:
-        likelihood = likelihood_of(loss_fn)
-        sampled = likelihood.sample_targets(outputs, generator)
-        scale = likelihood.grad_scale / len(inputs)
         params = [p for g in optimizer.param_groups for p in g["params"] if g["true_fisher"]]
-        grads = torch.autograd.grad(likelihood.summed_loss()(outputs, sampled) * scale, params)
+        grads = torch.autograd.grad(sampled_label_loss(loss_fn, outputs, generator), params)
         if dist.is_available() and dist.is_initialized():
             world = dist.get_world_size()
             for g in grads:
