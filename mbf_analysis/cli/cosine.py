@@ -388,7 +388,8 @@ def run(args: argparse.Namespace) -> None:
             recorder.save()
         _write_record(out, settings, args, status, timings)
     frame = pd.read_csv(out / CSV_NAME)
-    fig = plot_cosines(frame, smoothing=args.smoothing)
+    panels = frame.layer.nunique() + 1  # the layers and the loss, on one row up to 5
+    fig = plot_cosines(frame, smoothing=args.smoothing, ncols=min(panels, 5))
     png, pdf = save_figure(fig, out / FIGURE_NAME)
     timings["plot"] = time.perf_counter() - done
     _write_record(out, settings, args, status, timings)
