@@ -9,6 +9,8 @@ is shown, no backend is required; works under ``matplotlib.use("Agg")``), draws 
 - :func:`plot_heatmap_grid`: several of those side by side.
 - :func:`plot_cosines`: cosine of each method's direction with BDF's along the trajectory, one
   panel per layer, smoothed by a rolling mean (paper Fig. 6).
+- :func:`plot_training_curves`: loss (or accuracy) of training runs against training time and
+  epochs, one line per optimizer (paper Fig. 7, 8).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ __all__ = [
     "plot_cosines",
     "plot_heatmap_grid",
     "plot_inverse_heatmap",
+    "plot_training_curves",
     "save_figure",
     "smooth_cosines",
 ]
@@ -288,3 +291,87 @@ def save_figure(fig: Figure, path: str | Path, *, dpi: int = 120) -> tuple[Path,
     fig.savefig(png, dpi=dpi)
     fig.savefig(pdf, dpi=dpi)
     return png, pdf
+
+
+_X_LABELS = {"wall_time": "training time (s)", "process_time": "process time (s)", "epoch": "epoch"}
+
+
+def plot_training_curves(
+    frame: pd.DataFrame,
+    x: str | Sequence[str] = ("wall_time", "epoch"),
+    *,
+    y: str = "train_loss",
+    ax: Axes | None = None,
+    log_y: bool | None = None,
+    optimizers: Sequence[str] | None = None,
+    title: str | None = None,
+    panel_size: float = 3.6,
+) -> Figure:
+    """Training curves of several runs, one line per optimizer (paper Fig. 7, 8).
+
+    Takes the log of :func:`mbf_analysis.training.train` / ``compare`` (columns ``optimizer``,
+    ``kind``, ``wall_time``, ``epoch`` and ``y``). A ``y`` of the evaluations (``train_loss``,
+    ``test_loss``, ``train_accuracy``, ``test_accuracy``) is drawn from the ``kind == "eval"``
+    rows with markers; ``loss`` (the minibatch loss) from the ``"step"`` rows. Several seeds of
+    one optimizer are drawn as separate thin lines in the same colour.
+
+    Args:
+        frame: The log.
+        x: ``"wall_time"``, ``"process_time"`` or ``"epoch"``, or several: one panel each.
+        y: The column on the y axis.
+        ax: Where to draw a single panel (only with one ``x``).
+        log_y: Logarithmic y axis (default: for losses, when all values are positive).
+        optimizers: Optimizers to draw, in legend order (default: all, in order of appearance).
+        title: Figure title.
+        panel_size: Height of a panel in inches.
+
+    Returns:
+        The figure.
+
+    Raises:
+        ValueError: For missing columns, an unknown ``x``, or ``ax`` with several ``x``.
+    """
+    xs = [x] if isinstance(x, str) else list(x)
+    unknown = [name for name in xs if name not in _X_LABELS]
+    if unknown or not xs:
+        raise ValueError(f"x must be among {list(_X_LABELS)}, got {unknown or xs}.")
+    missing = [c for c in ("optimizer", "kind", y, *xs) if c not in frame.columns]
+    if missing:
+        raise ValueError(f"training log lacks columns {missing}.")
+    if ax is not None and len(xs) > 1:
+        raise ValueError(f"ax draws one panel; got {len(xs)} x columns {xs}.")
+    rows = frame[frame.kind == ("step" if y == "loss" else "eval")].dropna(subset=[y])
+    optimizers = _pick(frame, "optimizer", optimizers)
+    if ax is None:
+        fig = Figure(figsize=(1.35 * panel_size * len(xs), panel_size + 0.4), layout="constrained")
+        axes = list(fig.subplots(1, len(xs), squeeze=False)[0])
+    else:
+        fig, axes = ax.get_figure(root=True), [ax]
+    if log_y is None:
+        log_y = "loss" in y and len(rows) > 0 and bool((rows[y] > 0).all())
+    colors = dict(zip(optimizers, sns.color_palette(n_colors=len(optimizers)), strict=True))
+    marker = None if y == "loss" else "o"
+    seeds = "seed" in rows.columns and rows.groupby("optimizer")["seed"].nunique().max() > 1
+    for panel, name in zip(axes, xs, strict=True):
+        for optimizer in optimizers:
+            runs = rows[rows.optimizer == optimizer]
+            groups = runs.groupby("seed", sort=True) if "seed" in runs.columns else [(0, runs)]
+            for i, (_, run) in enumerate(groups):
+                panel.plot(
+                    run[name],
+                    run[y],
+                    color=colors[optimizer],
+                    lw=0.8 if seeds else 1.4,
+                    marker=marker,
+                    ms=2.5,
+                    label=optimizer if i == 0 else None,
+                )
+        panel.set_xlabel(_X_LABELS[name])
+        panel.set_ylabel(y.replace("_", " "))
+        if log_y:
+            panel.set_yscale("log")
+        panel.grid(alpha=0.3, which="both")
+        panel.legend(frameon=False)
+    if title:
+        fig.suptitle(title)
+    return fig

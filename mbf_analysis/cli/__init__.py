@@ -14,14 +14,14 @@ import sys
 from collections.abc import Sequence
 
 from mbf_analysis import __version__
-from mbf_analysis.cli import cosine, fisher, heatmap
+from mbf_analysis.cli import cosine, fisher, heatmap, train
 from mbf_analysis.cli.common import UsageError
 from mbf_analysis.data import DataError
 from mbf_analysis.errors import MBFError
 
 __all__ = ["main", "build_parser"]
 
-SUBCOMMANDS = (fisher, heatmap, cosine)
+SUBCOMMANDS = (fisher, heatmap, cosine, train)
 """The subcommand modules, in the order ``--help`` lists them."""
 
 

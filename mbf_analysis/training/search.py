@@ -1,0 +1,192 @@
+"""Several runs: optimizers compared on equal budgets, grid searches, and run summaries.
+
+- :func:`compare`: the optimizers one after another on the same problem, seed, data and limits
+  (equal wall-clock budget and/or epochs); a run that diverges stays in the result, its last row
+  of status ``"diverged"``, and the others still run.
+- :func:`grid_search`: one optimizer over a grid of (lr, damping) (autoencoders, the paper's
+  Table 5) or (lr, weight decay) (classifiers, Table 7); the paper's criteria: the lowest final
+  training loss for autoencoders, the highest final test ("validation") accuracy for
+  classifiers.
+- :func:`summarize`: one row per run with its final evaluation.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mbf_analysis.data import Dataset, load_dataset
+from mbf_analysis.training.loop import TrainingDiverged, train
+from mbf_analysis.training.presets import GRIDS, OPTIMIZERS, get_preset
+from mbf_analysis.training.problems import Problem, get_problem
+
+__all__ = ["SUMMARY_COLUMNS", "compare", "grid_search", "summarize"]
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_COLUMNS = (
+    "problem",
+    "optimizer",
+    "seed",
+    "status",
+    "steps",
+    "epochs",
+    "wall_time",
+    "train_loss",
+    "train_accuracy",
+    "test_loss",
+    "test_accuracy",
+)
+"""Columns of :func:`summarize`."""
+
+
+def _check_optimizers(optimizers: Sequence[str]) -> None:
+    unknown = [o for o in optimizers if o not in OPTIMIZERS]
+    if unknown or not optimizers:
+        raise ValueError(
+            f"unknown optimizer(s) {unknown or '(none given)'}; choose from {', '.join(OPTIMIZERS)}"
+        )
+
+
+def _run(problem: Problem, optimizer: str, **kwargs: Any) -> pd.DataFrame:
+    """:func:`train`, with a divergence turned into its partial log (and a warning)."""
+    try:
+        return train(problem, optimizer, **kwargs)
+    except TrainingDiverged as err:
+        logger.warning("%s", err)
+        return err.log
+
+
+def compare(
+    problem: str | Problem,
+    optimizers: Sequence[str],
+    *,
+    dataset: Dataset | None = None,
+    data_dir: str | Path | None = None,
+    **kwargs: Any,
+) -> pd.DataFrame:
+    """Run every optimizer on ``problem`` with the same limits and seed; the logs concatenated.
+
+    Args:
+        problem: Problem name or :class:`~mbf_analysis.training.problems.Problem`.
+        optimizers: Optimizer names, run in this order.
+        dataset: The problem's data set, if loaded (else loaded once from ``data_dir``).
+        data_dir: Where to look for the data files.
+        **kwargs: Passed to every :func:`~mbf_analysis.training.train` call (``time_budget``,
+            ``epochs``, ``seed``, ``csv_path`` (all runs append to it), ``lr``, ...; an ``lr``,
+            ``damping`` or ``weight_decay`` replaces the preset of *every* optimizer).
+
+    Returns:
+        The logs of all runs, in run order (column ``optimizer`` tells them apart).
+    """
+    problem = get_problem(problem)
+    _check_optimizers(optimizers)
+    if dataset is None:
+        dataset = load_dataset(problem.dataset, data_dir)
+    frames = [_run(problem, opt, dataset=dataset, **kwargs) for opt in optimizers]
+    return pd.concat(frames, ignore_index=True)
+
+
+def summarize(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per run (problem, optimizer, seed): its status, steps, epochs, training seconds
+    and the metrics of its last evaluation (NaN when it diverged before any)."""
+    out = []
+    for key, run in frame.groupby(["problem", "optimizer", "seed"], sort=False):
+        end = run[run.kind == "end"]
+        evals = run[run.kind == "eval"]
+        last = evals.iloc[-1] if len(evals) else None
+        tail = run.iloc[-1]
+        diverged = len(end) and end.status.iloc[-1] == "diverged"
+        row = dict(zip(("problem", "optimizer", "seed"), key, strict=True))
+        row.update(
+            status=end.status.iloc[-1] if len(end) else "running",
+            steps=int(tail.step),
+            epochs=float(tail.epoch),
+            wall_time=float(tail.wall_time),
+        )
+        for metric in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+            row[metric] = math.nan if last is None or diverged else last[metric]
+        out.append(row)
+    return pd.DataFrame(out, columns=list(SUMMARY_COLUMNS))
+
+
+def grid_search(
+    problem: str | Problem,
+    optimizer: str,
+    *,
+    lrs: Sequence[float] | None = None,
+    dampings: Sequence[float] | None = None,
+    weight_decays: Sequence[float] | None = None,
+    dataset: Dataset | None = None,
+    data_dir: str | Path | None = None,
+    **kwargs: Any,
+) -> pd.DataFrame:
+    """Train once per grid point and mark the best.
+
+    Grid: with none of ``lrs``, ``dampings``, ``weight_decays`` given, the paper's grid
+    (:data:`~mbf_analysis.training.presets.GRIDS`: lr × damping for autoencoders, lr × weight
+    decay for classifiers; SGD-m has no damping); otherwise the axes given, the other settings
+    at their preset values.
+
+    Args:
+        problem: Problem name or object.
+        optimizer: Optimizer name.
+        lrs: Learning rates.
+        dampings: Dampings (``ε`` for Adam and Shampoo).
+        weight_decays: Decoupled weight decays.
+        dataset: The problem's data set, if loaded.
+        data_dir: Where to look for the data files.
+        **kwargs: Passed to every :func:`~mbf_analysis.training.train` call (``time_budget``,
+            ``epochs``, ``max_steps``, ``seed``, ...).
+
+    Returns:
+        One row per grid point: ``lr``, ``damping``, ``weight_decay``, then the
+        :func:`summarize` columns, ``score`` (the final training loss for autoencoders, the
+        final test accuracy for classifiers; diverged runs score ``inf`` / ``-inf``) and
+        ``best`` (``True`` on the one best row; ties go to the first).
+    """
+    problem = get_problem(problem)
+    _check_optimizers([optimizer])
+    preset = get_preset(problem, optimizer)
+    if lrs is None and dampings is None and weight_decays is None:
+        grid = GRIDS["autoencoder" if problem.is_autoencoder else "classifier"][optimizer]
+        lrs, dampings, weight_decays = (
+            grid["lr"],
+            grid.get("damping"),
+            grid.get("weight_decay"),
+        )
+    axes = (
+        list(lrs or [preset.lr]),
+        list(dampings or [preset.damping]),
+        list(weight_decays or [preset.weight_decay]),
+    )
+    if dataset is None:
+        dataset = load_dataset(problem.dataset, data_dir)
+    rows = []
+    for lr, damping, weight_decay in itertools.product(*axes):
+        log = _run(
+            problem,
+            optimizer,
+            dataset=dataset,
+            lr=lr,
+            damping=damping,
+            weight_decay=weight_decay,
+            **kwargs,
+        )
+        summary = summarize(log).iloc[0].to_dict()
+        rows.append({"lr": lr, "damping": damping, "weight_decay": weight_decay, **summary})
+    frame = pd.DataFrame(rows)
+    if problem.is_autoencoder:
+        frame["score"] = frame.train_loss.fillna(math.inf)
+        best = frame.score.idxmin()
+    else:
+        frame["score"] = frame.test_accuracy.fillna(-math.inf)
+        best = frame.score.idxmax()
+    frame["best"] = frame.index == best
+    return frame

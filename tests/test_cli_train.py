@@ -1,0 +1,112 @@
+"""`mbf-analyze train`: files written, the printed summary, grid mode, and one-line errors."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from mbf_analysis.cli import main
+from mbf_analysis.training import LOG_COLUMNS
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_comparison_on_mlp_digits_writes_log_summary_record_and_figures(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--problem", "mlp-digits", "--optimizer", "mbf,sgdm", "--epochs", "2"]
+    code = main([*argv, "--seed", "1", "--no-progress", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "mlp-digits, seed 1:" in printed and "train_loss" in printed
+    log = pd.read_csv(out / "train_log.csv")
+    assert list(log.columns) == list(LOG_COLUMNS)
+    assert list(log.optimizer.unique()) == ["mbf", "sgdm"]
+    assert (log.seed == 1).all()
+    assert (log[log.kind == "end"].status == "epochs").all()
+    summary = pd.read_csv(out / "train_summary.csv")
+    assert list(summary.optimizer) == ["mbf", "sgdm"] and (summary.epochs == 2).all()
+    record = json.loads((out / "run.json").read_text())
+    assert record["command"] == "train_summary"
+    assert record["config"]["optimizer"] == ["mbf", "sgdm"] and record["config"]["epochs"] == 2
+    assert "torch" in record["versions"] and "train" in record["timings_s"]
+    for suffix in ("png", "pdf"):
+        assert (out / f"train_curves.{suffix}").stat().st_size > 0
+    # a second run into the same folder would mix two runs in one log: refused
+    assert main([*argv, "--no-progress", "--out", str(out)]) == 2
+    assert "train_log.csv already exists" in capsys.readouterr().err
+
+
+def test_overrides_reach_the_run(tmp_path):
+    out = tmp_path / "run"
+    argv = ["train", "--problem", "mlp-digits", "--optimizer", "adam", "--max-steps", "3"]
+    assert main([*argv, "--lr", "0.02", "--no-progress", "--out", str(out)]) == 0
+    log = pd.read_csv(out / "train_log.csv")
+    assert (log[log.kind == "step"].lr == 0.02).all()
+    assert log.status.iloc[-1] == "max_steps"
+
+
+def test_grid_mode_writes_the_grid_and_marks_the_best(tmp_path, capsys):
+    out = tmp_path / "grid"
+    argv = ["train", "--problem", "mlp-digits", "--optimizer", "sgdm", "--grid", "--lr", "0.05"]
+    code = main([*argv, "--weight-decay", "0", "--epochs", "1", "--no-progress", "--out", str(out)])
+    assert code == 0
+    assert "sgdm: best lr 0.05" in capsys.readouterr().out
+    grid = pd.read_csv(out / "grid_search.csv")
+    assert len(grid) == 1 and grid.best.all()
+
+
+def test_missing_data_is_one_line_naming_the_files(tmp_path, capsys, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("MBF_DATA_DIR", str(empty))
+    monkeypatch.setenv("MBF_CACHE_DIR", str(empty))
+    monkeypatch.setenv("HOME", str(empty))
+    argv = ["train", "--problem", "mnist-ae", "--max-steps", "1", "--data-dir", str(empty)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mbf-analyze: error: MNIST files not found") and err.count("\n") == 1
+    assert "train-images-idx3-ubyte.gz" in err and str(empty) in err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([], "give --time-budget SECONDS and/or --epochs N"),
+        (["--epochs", "1", "--optimizer", "sgdm", "--damping", "0.1"], "--damping does not apply"),
+    ],
+)
+def test_bad_combinations_are_one_line_with_exit_code_2(extra, message, capsys):
+    assert main(["train", "--problem", "mlp-digits", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mbf-analyze: error:") and err.count("\n") == 1
+    assert message in err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--optimizer", "mbf,lbfgs"], "invalid choice 'lbfgs'"),
+        (["--lr", "-1"], "must be a positive number"),
+        (["--epochs", "0"], "must be a positive integer"),
+        (["--weight-decay", "nan"], "must be 0 or more"),
+    ],
+)
+def test_invalid_values_are_argparse_errors_with_exit_code_2(extra, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--problem", "mlp-digits", "--epochs", "1", *extra])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_problem_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--problem", "mnist", "--epochs", "1"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'mnist'" in capsys.readouterr().err
