@@ -223,7 +223,8 @@ def plot_cosines(
     One panel per layer (x: iteration, y: rolling-mean cosine, :func:`smooth_cosines`), one line
     per method in the same colour in every panel, and one legend for the figure. The y range is
     ``[0, 1]`` if no cosine is negative, else ``[−1, 1]``. With ``show_loss`` and a ``loss``
-    column, a last panel shows the loss along the trajectory (the first value per iteration).
+    column, a last panel shows the loss along the trajectory (the first value per iteration; a
+    log scale when every value is positive).
 
     Args:
         frame: Tidy frame with columns ``iteration, layer, method, cosine`` (and ``loss``).
@@ -263,6 +264,8 @@ def plot_cosines(
         ax = axes[len(layers)]
         per_iteration = frame.groupby("iteration", sort=True)["loss"].first()
         ax.plot(per_iteration.index, per_iteration.to_numpy(), color="black", lw=1.0)
+        if bool((per_iteration > 0).all()):
+            ax.set_yscale("log")
         ax.set_title("training loss")
         ax.set_xlabel("iteration")
         ax.set_ylabel("loss")

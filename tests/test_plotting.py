@@ -144,6 +144,9 @@ def test_cosine_figure_panels_lines_legend_and_range():
     assert panels[0].lines[0].get_color() == panels[1].lines[0].get_color()
     loss = panels[2].lines[0]
     np.testing.assert_allclose(loss.get_ydata(), 2.0 / (1 + np.arange(40)))
+    assert panels[2].get_yscale() == "log"  # a positive loss spans decades
+    with_zero = frame.assign(loss=frame.loss.where(frame.iteration != 3, 0.0))
+    assert [ax for ax in plot_cosines(with_zero).axes if ax.axison][-1].get_yscale() == "linear"
     assert len(fig.legends) == 1
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["sgdm", "mbf"]
 
