@@ -11,7 +11,7 @@ import torch
 
 from mbf_analysis.analysis import CosineRun
 from mbf_analysis.cli import main
-from mbf_analysis.cli.cosine import PRESETS, median_table
+from mbf_analysis.cli.cosine import PRESETS, _Recorder, median_table
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SMALL = ["--batch-size", "64", "--methods", "mbf,kfac,sgdm", "--no-progress"]
@@ -101,6 +101,24 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path, mon
     resumed, expected = _rows(parts), _rows(whole)
     assert not resumed.duplicated(["iteration", "layer", "method"]).any()
     pd.testing.assert_frame_equal(resumed, expected)
+
+
+def test_by_default_the_state_is_saved_by_time_and_at_the_start(tmp_path, monkeypatch):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert _run(whole, "--iterations", "5") == 0
+    monkeypatch.setattr(_Recorder, "SAVE_INTERVAL_S", 1e9)  # no save by time in this run
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 3)
+        with pytest.raises(SystemExit):
+            _run(parts, "--iterations", "5")
+    assert torch.load(parts / "cosine_state.pt", weights_only=True)["iteration"] == 0
+    assert main(["cosine", "--resume", "--out", str(parts), "--no-progress"]) == 0
+    pd.testing.assert_frame_equal(_rows(parts), _rows(whole))
+    monkeypatch.setattr(_Recorder, "SAVE_INTERVAL_S", 0.0)  # a save after every iteration
+    saved = []
+    monkeypatch.setattr(_Recorder, "save", lambda self: saved.append(self.run.iteration))
+    assert _run(tmp_path / "each", "--iterations", "3") == 0
+    assert saved == [0, 1, 2, 3, 3]  # start, each iteration, end
 
 
 def test_resume_extends_a_finished_run_to_more_iterations(tmp_path):

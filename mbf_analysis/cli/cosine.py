@@ -6,7 +6,8 @@ Files in ``--out`` (default ``runs/cosine-<dataset>-<model>``):
 - ``cosine.csv``: the tidy rows (``iteration, layer, method, cosine, loss``), appended after every
   iteration, so an interrupted run leaves every finished iteration in it;
 - ``cosine_state.pt``: the resumable state (:meth:`~mbf_analysis.analysis.CosineRun.state_dict`)
-  written atomically every ``--checkpoint-every`` iterations and at the end;
+  written atomically every ``--checkpoint-every`` iterations (default: once a minute) and at the
+  end;
 - ``run.json``: the settings, package versions, timings and the run's status;
 - ``cosine.png`` / ``cosine.pdf``: the Fig. 6-like figure.
 
@@ -175,8 +176,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--checkpoint-every",
         type=positive_int,
-        default=25,
-        help="iterations between saves of cosine_state.pt (default: 25)",
+        default=None,
+        help="iterations between saves of cosine_state.pt (default: whenever a minute has "
+        "passed since the last save; the paper preset's state is 264 MB)",
     )
     parser.add_argument(
         "--smoothing",
@@ -272,13 +274,18 @@ def _recorded_rows(path: Path, before: int) -> pd.DataFrame:
 
 
 class _Recorder:
-    """Appends each iteration's rows to the CSV and saves the state every few iterations."""
+    """Appends each iteration's rows to the CSV and saves the state every ``checkpoint_every``
+    iterations, or (``None``) after any iteration that ends ``SAVE_INTERVAL_S`` after the last
+    save."""
 
-    def __init__(self, out: Path, run: CosineRun, checkpoint_every: int) -> None:
+    SAVE_INTERVAL_S = 60.0
+
+    def __init__(self, out: Path, run: CosineRun, checkpoint_every: int | None) -> None:
         self.csv = out / CSV_NAME
         self.state = out / STATE_NAME
         self.run = run
         self.every = checkpoint_every
+        self.saved_at = time.perf_counter()
 
     def start(self, rows: pd.DataFrame) -> None:
         rows.to_csv(self.csv, index=False, columns=list(COLUMNS))
@@ -287,11 +294,16 @@ class _Recorder:
         with self.csv.open("a") as fh:
             rows.to_csv(fh, index=False, header=False, columns=list(COLUMNS))
             fh.flush()
-        if self.run.iteration % self.every == 0:
+        if self.every is None:
+            due = time.perf_counter() - self.saved_at >= self.SAVE_INTERVAL_S
+        else:
+            due = self.run.iteration % self.every == 0
+        if due:
             self.save()
 
     def save(self) -> None:
         atomic_save(self.run.state_dict(), self.state)
+        self.saved_at = time.perf_counter()
 
 
 # ----------------------------------------------------------------------------- output
@@ -358,6 +370,8 @@ def run(args: argparse.Namespace) -> None:
     else:
         previous = pd.DataFrame(columns=list(COLUMNS))
     recorder.start(previous)
+    if not args.resume:
+        recorder.save()  # iteration 0, so that even an early interruption can be resumed
     remaining = max(config.iterations - analysis.iteration, 0)
     loaded = time.perf_counter()
     status = "complete"
