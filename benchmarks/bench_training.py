@@ -12,16 +12,22 @@ training images (the first of a seed-0 permutation, the same for every optimizer
 10 000 of 60 000, to keep evaluations cheap), the test loss on the first 10 000 test images,
 steps, epochs and seconds per step, and whether MBF ends below SGD-m and Adam.
 
-``--extra-mbf LR[,LR...]`` adds MBF runs at other learning rates (damping at its preset), for
-investigating the preset.
+KFAC is the paper's true-Fisher KFAC (the preset's ``true_fisher=True``: ``G`` from labels
+sampled from the model, one extra backward pass per statistics step, inside the budget).
 
-Writes ``train_log.csv`` (every step and evaluation), ``train_summary.csv``, ``run.json`` and
+``--extra-mbf LR[:DAMPING][,...]`` adds MBF runs at other settings (damping at its preset when
+not given), labelled ``mbf (lr …)`` / ``mbf (lr …, λ …)``; ``--grid-best-mbf LR:DAMPING`` adds
+one labelled ``mbf (our grid's best: lr …, λ …)``, the best point of our own MBF grid search
+(``figures/mnist_ae_training/mbf_grid.csv``, which the results file then tabulates too).
+
+Writes ``train_log.csv`` (every step and evaluation, appended as the runs go, then rewritten
+with the runs' labels in its ``optimizer`` column), ``train_summary.csv``, ``run.json`` and
 ``train_curves.{png,pdf}`` (loss against training time and epochs) in ``--out`` (default
 ``figures/mnist_ae_training``) and the table to ``--results``
 (``benchmarks/results_training.md``).
 
-Run: ``python benchmarks/bench_training.py --budget 120`` (5 runs: about 11 minutes with
-evaluations).
+Run: ``python benchmarks/bench_training.py --budget 120 --grid-best-mbf 3e-5:1e-2`` (6 runs:
+about 12 minutes with evaluations; the MBF grid first, see ``benchmarks/results_training.md``).
 """
 
 from __future__ import annotations
@@ -77,7 +83,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--optimizers", default=",".join(OPTIMIZERS), help="comma-separated (all five)"
     )
     parser.add_argument(
-        "--extra-mbf", default="", help="further MBF learning rates, comma-separated"
+        "--extra-mbf",
+        default="",
+        help="further MBF settings LR or LR:DAMPING, comma-separated",
+    )
+    parser.add_argument(
+        "--grid-best-mbf",
+        default="",
+        help="LR:DAMPING of our MBF grid's best point, run and labelled as such",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", type=Path, default=DATA)
@@ -86,8 +99,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run_label(optimizer: str, lr: float | None) -> str:
-    return optimizer if lr is None else f"{optimizer} (lr {lr:g})"
+GRID_BEST = "our grid's best"
+
+
+def parse_setting(text: str) -> tuple[float, float | None]:
+    """``"LR"`` or ``"LR:DAMPING"`` → ``(lr, damping or None)``."""
+    lr, _, damping = text.partition(":")
+    return float(lr), float(damping) if damping else None
+
+
+def run_label(optimizer: str, lr: float | None, damping: float | None, tag: str = "") -> str:
+    if lr is None and damping is None:
+        return optimizer
+    settings = ", ".join(
+        [f"lr {lr:g}"] * (lr is not None) + [f"λ {damping:g}"] * (damping is not None)
+    )
+    return f"{optimizer} ({tag + ': ' if tag else ''}{settings})"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,18 +124,21 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / "train_log.csv"
     log_path.unlink(missing_ok=True)
-    runs = [(o, None) for o in args.optimizers.split(",") if o]
-    runs += [("mbf", float(lr)) for lr in args.extra_mbf.split(",") if lr]
+    runs = [(o, None, None, "") for o in args.optimizers.split(",") if o]
+    runs += [("mbf", *parse_setting(t), "") for t in args.extra_mbf.split(",") if t]
+    if args.grid_best_mbf:
+        runs.append(("mbf", *parse_setting(args.grid_best_mbf), GRID_BEST))
     load_before = os.getloadavg()
     started = time.perf_counter()
     frames = []
-    for optimizer, lr in runs:
+    for optimizer, lr, damping, tag in runs:
         try:
             frame = train(
                 "mnist-ae",
                 optimizer,
                 time_budget=args.budget,
                 lr=lr,
+                damping=damping,
                 seed=args.seed,
                 dataset=dataset,
                 eval_samples=args.eval_samples,
@@ -118,11 +148,12 @@ def main(argv: list[str] | None = None) -> None:
         except TrainingDiverged as err:
             print(f"diverged: {err}", file=sys.stderr)
             frame = err.log
-        frames.append(frame.assign(optimizer=run_label(optimizer, lr)))
+        frames.append(frame.assign(optimizer=run_label(optimizer, lr, damping, tag)))
         print(summarize(frames[-1]).to_string(index=False), flush=True)
     elapsed = time.perf_counter() - started
     load_after = os.getloadavg()
     log = pd.concat(frames, ignore_index=True)
+    log.to_csv(log_path, index=False)  # the live log, rewritten with the runs' labels
     summary = summarize(log)
     summary["s_per_step"] = summary.wall_time / summary.steps.clip(lower=1)
     summary.to_csv(args.out / "train_summary.csv", index=False)
@@ -148,12 +179,20 @@ def main(argv: list[str] | None = None) -> None:
         "elapsed_s": elapsed,
         "versions": versions(),
         "presets": {
-            run_label(o, lr): {
+            run_label(o, lr, damping, tag): {
                 k: v
-                for k, v in vars(get_preset("mnist-ae", o, lr=lr)).items()
-                if k in ("lr", "damping", "stat_period", "inverse_period", "warm_start_epochs")
+                for k, v in vars(get_preset("mnist-ae", o, lr=lr, damping=damping)).items()
+                if k
+                in (
+                    "lr",
+                    "damping",
+                    "stat_period",
+                    "inverse_period",
+                    "warm_start_epochs",
+                    "options",
+                )
             }
-            for o, lr in runs
+            for o, lr, damping, tag in runs
         },
     }
     (args.out / "run.json").write_text(json.dumps(record, indent=2))
@@ -175,7 +214,8 @@ def write_results(args: argparse.Namespace, summary: pd.DataFrame, record: dict)
         f"cores). Command: `{record['command']}` ({record['elapsed_s'] / 60:.1f} min).",
         "",
         f"Each optimizer: {args.budget:g} s of training (wall clock; evaluations excluded), "
-        "preset hyper-parameters (paper Table 4), batch 1000, seed 0. Losses: "
+        "preset hyper-parameters (paper Table 4) unless the row's label gives others, batch "
+        "1000, seed 0; KFAC is the paper's true-Fisher KFAC (sampled labels). Losses: "
         "(1/m) Σ_n Σ_pixels BCE, the paper's convention. *train loss*: on a fixed subset of "
         f"{args.eval_samples} training images (the same for all); *test loss*: the first "
         f"{args.eval_samples} test images. Paper: final training loss after 500 s on a V100.",
@@ -195,12 +235,52 @@ def write_results(args: argparse.Namespace, summary: pd.DataFrame, record: dict)
             f"| {'—' if paper is None else paper} |"
         )
     verdict = []
-    if {"mbf", "sgdm", "adam"} <= set(rows.index):
-        for other in ("sgdm", "adam"):
-            beats = rows.train_loss["mbf"] < rows.train_loss[other]
-            verdict.append(f"MBF {'beats' if beats else 'does not beat'} {other}")
+    mbf_rows = [n for n in rows.index if n == "mbf" or GRID_BEST in n]
+    if {"sgdm", "adam"} <= set(rows.index):
+        for name in mbf_rows:
+            for other in ("sgdm", "adam"):
+                beats = rows.train_loss[name] < rows.train_loss[other]  # NaN (diverged): False
+                verdict.append(f"{name} {'beats' if beats else 'does not beat'} {other}")
     lines += ["", "Verdict (final training loss): " + "; ".join(verdict) + ".", ""]
+    lines += grid_table(args.out / "mbf_grid.csv")
     args.results.write_text("\n".join(lines))
+
+
+def grid_table(path: Path) -> list[str]:
+    """Our MBF grid (``mbf_grid.csv``, from ``mbf-analyze train --grid-lr … --grid-damping …``)
+    as a markdown table of final training losses, lr down, damping across (empty if absent)."""
+    if not path.exists():
+        return []
+    grid = pd.read_csv(path)
+    best = grid[grid.best].iloc[0] if grid.best.any() else None
+    dampings = sorted(grid.damping.unique())
+    lines = [
+        "## MBF grid (ours, inside the paper's Table 5 grid)",
+        "",
+        f"`{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}`: final training loss "
+        f"after {grid.wall_time.max():.0f} s or less per point (the budget; warm start "
+        "included), same subset and seed as above; *div. @k*: diverged at step k.",
+        "",
+        "| lr \\ λ | " + " | ".join(f"{d:g}" for d in dampings) + " |",
+        "|---|" + "---:|" * len(dampings),
+    ]
+    for lr, row in grid.groupby("lr", sort=True):
+        cells = []
+        for damping in dampings:
+            point = row[row.damping == damping]
+            if point.empty:
+                cells.append("—")
+                continue
+            point = point.iloc[0]
+            if point.status == "diverged":
+                cells.append(f"div. @{int(point.steps) + 1}")
+            else:
+                mark = "**" if point.best else ""
+                cells.append(f"{mark}{point.train_loss:.1f}{mark} ({int(point.steps)} st.)")
+        lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
+    found = "every point diverged" if best is None else f"lr {best.lr:g}, λ {best.damping:g}"
+    lines += ["", f"Best: {found} (bold).", ""]
+    return lines
 
 
 if __name__ == "__main__":

@@ -62,6 +62,23 @@ def test_grid_mode_writes_the_grid_and_marks_the_best(tmp_path, capsys):
     assert len(grid) == 1 and grid.best.all()
 
 
+def test_explicit_grid_axes_run_every_pair(tmp_path, capsys):
+    out = tmp_path / "grid"
+    argv = ["train", "--problem", "mlp-digits", "--optimizer", "mbf", "--max-steps", "2"]
+    grid = ["--grid-lr", "1e-3,3e-4", "--grid-damping", "1e-3,1e-2", "--no-progress"]
+    assert main([*argv, *grid, "--out", str(out)]) == 0  # --grid-* imply --grid
+    assert "mbf: best lr" in capsys.readouterr().out
+    frame = pd.read_csv(out / "grid_search.csv")
+    assert list(zip(frame.lr, frame.damping, strict=True)) == [
+        (1e-3, 1e-3),
+        (1e-3, 1e-2),
+        (3e-4, 1e-3),
+        (3e-4, 1e-2),
+    ]
+    assert (frame.weight_decay == 0.0).all() and frame.best.sum() == 1
+    assert (frame.steps == 2).all()
+
+
 def test_missing_data_is_one_line_naming_the_files(tmp_path, capsys, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -80,6 +97,7 @@ def test_missing_data_is_one_line_naming_the_files(tmp_path, capsys, monkeypatch
     [
         ([], "give --time-budget SECONDS and/or --epochs N"),
         (["--epochs", "1", "--optimizer", "sgdm", "--damping", "0.1"], "--damping does not apply"),
+        (["--epochs", "1", "--optimizer", "sgdm", "--grid-damping", "0.1"], "does not apply"),
     ],
 )
 def test_bad_combinations_are_one_line_with_exit_code_2(extra, message, capsys):
@@ -96,6 +114,9 @@ def test_bad_combinations_are_one_line_with_exit_code_2(extra, message, capsys):
         (["--lr", "-1"], "must be a positive number"),
         (["--epochs", "0"], "must be a positive integer"),
         (["--weight-decay", "nan"], "must be 0 or more"),
+        (["--grid-lr", "1e-3,-1"], "must be a positive number, got -1"),
+        (["--grid-damping", ","], "give at least one number"),
+        (["--grid-weight-decay", "0,x"], "invalid"),
     ],
 )
 def test_invalid_values_are_argparse_errors_with_exit_code_2(extra, message, capsys):

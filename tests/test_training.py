@@ -10,8 +10,12 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mbf_analysis.data import Dataset, load_dataset
+from mbf_analysis.models import build_model
+from mbf_analysis.optim import KFAC
+from mbf_analysis.optim.kfac import kfac_true_step
 from mbf_analysis.plotting import plot_training_curves
 from mbf_analysis.training import (
     GRIDS,
@@ -30,6 +34,7 @@ from mbf_analysis.training import (
     summarize,
     train,
 )
+from mbf_analysis.training import loop as training_loop
 
 matplotlib.use("Agg")
 
@@ -203,14 +208,76 @@ def test_time_budget_stops_the_run(digits):
     assert log.kind.iloc[-2] == "eval"  # a final evaluation at the stop
 
 
-def test_same_seed_same_run_other_seed_other_run(digits):
+@pytest.mark.parametrize("optimizer", ["mbf", "kfac"])
+def test_same_seed_same_run_other_seed_other_run(optimizer, digits):
     def losses(seed):
-        log = train("mlp-digits", "mbf", epochs=1, seed=seed, dataset=digits, progress=False)
+        log = train("mlp-digits", optimizer, epochs=1, seed=seed, dataset=digits, progress=False)
         return log[log.kind != "end"][["step", "loss", "train_loss", "test_accuracy"]]
 
     first = losses(3)
     pd.testing.assert_frame_equal(first, losses(3))
     assert not first.loss.equals(losses(4).loss)
+
+
+def test_kfac_presets_are_the_papers_true_fisher_kfac():
+    for (problem, optimizer), preset in PRESETS.items():
+        if optimizer == "kfac":
+            assert preset.options["true_fisher"] is True, problem
+    assert isinstance(get_problem("mnist-ae").likelihood_loss(), nn.BCEWithLogitsLoss)
+    assert isinstance(get_problem("faces-ae").likelihood_loss(), nn.MSELoss)
+    assert isinstance(get_problem("mlp-digits").likelihood_loss(), nn.CrossEntropyLoss)
+
+
+def test_training_kfac_records_sampled_label_statistics(monkeypatch, digits):
+    """The loop's KFAC step is ``kfac_true_step`` with a generator seeded with the run's seed:
+    its ``G`` after one step is that of a hand-made true-Fisher step on the same first batch,
+    and differs from an empirical-Fisher run (real labels), while ``A`` is the same."""
+    made = []
+
+    def spy(name, model, preset):
+        made.append((make_optimizer(name, model, preset), model))
+        return made[-1][0]
+
+    make_optimizer = training_loop.make_optimizer
+    monkeypatch.setattr(training_loop, "make_optimizer", spy)
+    seed = 5
+    train("mlp-digits", "kfac", max_steps=1, seed=seed, dataset=digits, progress=False)
+    preset = PRESETS["mlp-digits", "kfac"]
+    empirical = dataclasses.replace(preset, options={**preset.options, "true_fisher": False})
+    monkeypatch.setitem(PRESETS, ("mlp-digits", "kfac"), empirical)
+    train("mlp-digits", "kfac", max_steps=1, seed=seed, dataset=digits, progress=False)
+    (true_run, true_model), (empirical_run, empirical_model) = made
+    assert true_run.param_groups[0]["true_fisher"] is True
+    assert empirical_run.param_groups[0]["true_fisher"] is False
+
+    torch.manual_seed(seed)
+    model = build_model("digits-mlp")
+    index = torch.randperm(len(digits.train_x), generator=torch.Generator().manual_seed(seed))
+    x, y = digits.train_x[index[:100]], digits.train_y[index[:100]]
+    by_hand = make_optimizer("kfac", model, preset)
+    assert isinstance(by_hand, KFAC)
+    generator = torch.Generator().manual_seed(seed)
+    kfac_true_step(by_hand, model, nn.CrossEntropyLoss(), x, y, generator=generator)
+    by_hand.remove_hooks()
+
+    def linear_weights(net):
+        return [m.weight for m in net.modules() if isinstance(m, nn.Linear)]
+
+    layers = list(
+        zip(
+            linear_weights(model),
+            linear_weights(true_model),
+            linear_weights(empirical_model),
+            strict=True,
+        )
+    )
+    assert len(layers) >= 2
+    for ours, true_w, empirical_w in layers:
+        true_state, empirical_state = true_run.state[true_w], empirical_run.state[empirical_w]
+        torch.testing.assert_close(true_state["G"], by_hand.state[ours]["G"])
+        torch.testing.assert_close(true_state["A"], empirical_state["A"])
+        difference = (true_state["G"] - empirical_state["G"]).norm()
+        assert difference > 0.05 * empirical_state["G"].norm()
 
 
 def test_interrupted_run_leaves_a_valid_csv(tmp_path, digits):
@@ -316,6 +383,16 @@ def test_grid_search_picks_the_best_setting(digits):
     assert frame.best.sum() == 1
     assert frame.loc[frame.best, "lr"].item() == 0.05
     assert frame.loc[frame.best, "score"].item() == frame.test_accuracy.max()
+
+
+def test_grid_search_marks_no_best_when_every_point_diverges(digits):
+    broken = _copy(digits)
+    broken.train_x.fill_(math.nan)
+    frame = grid_search(
+        "mlp-digits", "adam", lrs=[1e-3, 1e-2], max_steps=2, dataset=broken, progress=False
+    )
+    assert list(frame.status) == ["diverged", "diverged"]
+    assert not frame.best.any()
 
 
 def test_training_curves_one_line_per_optimizer_log_scale(digits):

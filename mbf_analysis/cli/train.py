@@ -51,6 +51,19 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _float_list(check):
+    """An argparse type: a comma-separated list of numbers, each passed through ``check``."""
+
+    def parse(text: str) -> list[float]:
+        values = [check(item) for item in csv_list(text)]
+        if not values:
+            raise argparse.ArgumentTypeError(f"give at least one number, got {text!r}")
+        return list(dict.fromkeys(values))
+
+    parse.__name__ = "comma-separated number list"
+    return parse
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``train`` on the subcommand parsers."""
     train = sub.add_parser(
@@ -62,7 +75,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "limits. The run ends at the first of --time-budget (seconds of training, evaluations "
         "excluded), --epochs and --max-steps; give at least one. With --out: train_log.csv "
         "(appended step by step), train_summary.csv, run.json and train_curves.png/.pdf. "
-        "--grid runs the paper's grid search (Tables 5/7) instead, writing grid_search.csv.",
+        "--grid runs the paper's grid search (Tables 5/7) instead, writing grid_search.csv; "
+        "--grid-lr/--grid-damping/--grid-weight-decay give the axes explicitly (comma-separated; "
+        "an axis not given: --lr/--damping/--weight-decay, else the preset when another axis is "
+        "given, else the paper's grid).",
     )
     train.add_argument("--problem", required=True, choices=problem_names(), help="the problem")
     train.add_argument(
@@ -114,16 +130,43 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--grid", action="store_true", help="grid search instead of one run each")
     train.add_argument(
+        "--grid-lr",
+        type=_float_list(positive_float),
+        default=None,
+        help="learning rates of the grid, comma-separated (implies --grid)",
+    )
+    train.add_argument(
+        "--grid-damping",
+        type=_float_list(positive_float),
+        default=None,
+        help="dampings of the grid, comma-separated (implies --grid; not for sgdm)",
+    )
+    train.add_argument(
+        "--grid-weight-decay",
+        type=_float_list(_non_negative_float),
+        default=None,
+        help="weight decays of the grid, comma-separated (implies --grid)",
+    )
+    train.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars"
     )
     train.add_argument("--out", type=Path, default=None, help="folder for the logs and figures")
     train.set_defaults(run=run)
 
 
+def _axis(values: list[float] | None, single: float | None) -> list[float] | None:
+    """A grid axis: the explicit list, else the single value, else ``None`` (preset/paper)."""
+    if values is not None:
+        return values
+    return None if single is None else [single]
+
+
 def _check(args: argparse.Namespace) -> None:
+    explicit = (args.grid_lr, args.grid_damping, args.grid_weight_decay)
+    args.grid = args.grid or any(v is not None for v in explicit)
     if args.time_budget is None and args.epochs is None and args.max_steps is None:
         raise UsageError("give --time-budget SECONDS and/or --epochs N (or --max-steps N)")
-    if args.damping is not None and "sgdm" in args.optimizer:
+    if (args.damping is not None or args.grid_damping is not None) and "sgdm" in args.optimizer:
         raise UsageError("--damping does not apply to sgdm; leave sgdm out or drop --damping")
     if args.out is not None and (args.out / LOG_NAME).exists():
         raise UsageError(
@@ -165,12 +208,15 @@ def run(args: argparse.Namespace) -> None:
             frame = grid_search(
                 problem,
                 optimizer,
-                lrs=None if args.lr is None else [args.lr],
-                dampings=None if args.damping is None else [args.damping],
-                weight_decays=None if args.weight_decay is None else [args.weight_decay],
+                lrs=_axis(args.grid_lr, args.lr),
+                dampings=_axis(args.grid_damping, args.damping),
+                weight_decays=_axis(args.grid_weight_decay, args.weight_decay),
                 **common,
             )
             frames.append(frame)
+            if not frame.best.any():
+                print(f"{optimizer}: every grid point diverged")
+                continue
             best = frame[frame.best].iloc[0]
             criterion = "final training loss" if problem.is_autoencoder else "final test accuracy"
             print(

@@ -5,13 +5,20 @@ The run (:func:`train`):
 1. seeds ``torch.manual_seed(seed)`` and builds the model (so the seed fixes the initial
    weights), and draws every minibatch order (a fresh permutation of the training split per
    epoch, the last smaller batch kept) and augmentation from one ``torch.Generator`` seeded with
-   ``seed``: two runs with the same seed on the same device take the same steps;
+   ``seed``, and the sampled labels of a true-Fisher KFAC from a second one (on the training
+   device, also seeded with ``seed``, so the batch order does not depend on the optimizer): two
+   runs with the same seed on the same device take the same steps;
 2. builds the optimizer from the preset (:func:`make_optimizer`), with the LR schedule
    ``α_e = α · 0.1^⌊e/K⌋`` set at the start of every epoch ``e``;
 3. runs MBF's warm start if the preset asks for one (inside the clock);
 4. takes steps ``zero_grad → forward → L = (1/m) Σ_n ℓ_n → backward → step`` until the budget,
    the epoch limit or ``max_steps`` is reached (checked after every step, so a run overshoots
-   its budget by at most one step);
+   its budget by at most one step). A KFAC with ``true_fisher=True`` (the presets': the paper's
+   KFAC) also runs, on its statistics steps, :meth:`~mbf_analysis.optim.KFAC.sampled_backward`
+   between the backward pass and the step: one extra backward pass of
+   ``L̂ = (1/m) Σ_n ℓ(f_n, ŷ_n)``, ``ŷ_n ~ p(· | f_n)`` (:meth:`Problem.likelihood_loss
+   <mbf_analysis.training.problems.Problem.likelihood_loss>`), which feeds ``G``; the
+   momentum still follows the gradient on the real targets. It is part of the step's time;
 5. evaluates at step 0, after every epoch and at the end (``model.eval()``, no gradients).
 
 **Clock.** ``wall_time`` (``time.perf_counter``) and ``process_time`` (``time.process_time``,
@@ -96,7 +103,9 @@ def make_optimizer(name: str, model: nn.Module, preset: Preset) -> Optimizer:
     - ``"adam"``: ``torch.optim.AdamW`` (β = (0.9, 0.999), ``eps`` = the preset's damping);
       its weight decay is the same decoupled rule, and with ``γ = 0`` it is Adam;
     - ``"mbf"``, ``"kfac"``, ``"shampoo"``: :class:`~mbf_analysis.optim.MBF`,
-      :class:`~mbf_analysis.optim.KFAC` (which hooks the model's layers),
+      :class:`~mbf_analysis.optim.KFAC` (which hooks the model's layers; the presets set
+      ``true_fisher=True``, the paper's KFAC, and :func:`train` then runs the sampled-label
+      backward pass),
       :class:`~mbf_analysis.optim.Shampoo` (``eps`` = damping), momentum 0.9, EMA decay 0.9,
       the preset's periods and options.
 
@@ -268,6 +277,8 @@ def train(
     model = build_model(problem.model, **problem.model_kwargs).to(device=device, dtype=dtype)
     model.train()
     generator = torch.Generator().manual_seed(seed)
+    label_generator = torch.Generator(device).manual_seed(seed)
+    likelihood = problem.likelihood_loss()
     train_x = dataset.train_x.to(device=device, dtype=dtype)
     train_y = dataset.train_y.to(device)
     sets = {}
@@ -359,11 +370,15 @@ def train(
                     x = augment_batch(x, generator)
                 targets = problem.targets(x, train_y[index])
                 opt.zero_grad(set_to_none=True)
-                loss = problem.loss_fn(model(x), targets)
+                outputs = model(x)
+                loss = problem.loss_fn(outputs, targets)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise diverged(f"the minibatch loss is {value}")
-                loss.backward()
+                sampled = isinstance(opt, KFAC) and opt.needs_sampled_backward()
+                loss.backward(retain_graph=sampled)
+                if sampled:
+                    opt.sampled_backward(outputs, likelihood, generator=label_generator)
                 try:
                     opt.step()
                 except NonFiniteError as err:

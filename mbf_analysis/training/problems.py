@@ -41,7 +41,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "PROBLEMS",
@@ -73,6 +73,12 @@ _LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "cross_entropy": _cross_entropy,
     "bce_sum": _bce_sum,
     "half_squared_error_sum": _half_squared_error_sum,
+}
+
+_LIKELIHOODS: dict[str, type[nn.Module]] = {
+    "cross_entropy": nn.CrossEntropyLoss,
+    "bce_sum": nn.BCEWithLogitsLoss,
+    "half_squared_error_sum": nn.MSELoss,
 }
 
 
@@ -109,6 +115,17 @@ class Problem:
     def loss_fn(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """The minibatch loss ``L = (1/m) Σ_n ℓ_n`` (module docstring)."""
         return _LOSSES[self.loss](outputs, targets)
+
+    def likelihood_loss(self) -> nn.Module:
+        """The loss module naming the predictive distribution ``p(y | f)`` of :attr:`loss`.
+
+        For the true-Fisher statistics (labels sampled from the model,
+        :func:`~mbf_analysis.optim.common.sampled_label_loss`, which applies the same per-sample
+        scaling as :meth:`loss_fn`): ``nn.CrossEntropyLoss`` (categorical),
+        ``nn.BCEWithLogitsLoss`` (independent Bernoulli pixels; summed over pixels, mean over
+        samples) or ``nn.MSELoss`` (``N(f, I)``, ``½ ‖f − ŷ‖²`` summed, mean over samples).
+        """
+        return _LIKELIHOODS[self.loss]()
 
     def targets(self, inputs: Tensor, labels: Tensor) -> Tensor:
         """``inputs.flatten(1)`` for an autoencoder (``[m, D]``), else ``labels`` (``[m]``)."""

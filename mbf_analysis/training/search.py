@@ -149,7 +149,8 @@ def grid_search(
         One row per grid point: ``lr``, ``damping``, ``weight_decay``, then the
         :func:`summarize` columns, ``score`` (the final training loss for autoencoders, the
         final test accuracy for classifiers; diverged runs score ``inf`` / ``-inf``) and
-        ``best`` (``True`` on the one best row; ties go to the first).
+        ``best`` (``True`` on the one best row, ties to the first; on none when every run
+        diverged).
     """
     problem = get_problem(problem)
     _check_optimizers([optimizer])
@@ -188,5 +189,5 @@ def grid_search(
     else:
         frame["score"] = frame.test_accuracy.fillna(-math.inf)
         best = frame.score.idxmax()
-    frame["best"] = frame.index == best
+    frame["best"] = (frame.index == best) & frame.score.map(math.isfinite)
     return frame
