@@ -1,19 +1,9 @@
 """Cases shared by the optimizer tests: a tiny Conv/BN/Linear network and its batches."""
 
-import pytest
 import torch
 from torch import nn
 
 DT = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread (OpenMP hand-offs dominate on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def net(seed=0, dtype=DT):

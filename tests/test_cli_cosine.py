@@ -16,13 +16,7 @@ from mbf_analysis.cli.cosine import PRESETS, _Recorder, median_table
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SMALL = ["--batch-size", "64", "--methods", "mbf,kfac,sgdm", "--no-progress"]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(out: Path, *extra: str) -> int:

@@ -4,18 +4,11 @@ import json
 
 import pandas as pd
 import pytest
-import torch
 
 from mbf_analysis.cli import main
 from mbf_analysis.training import LOG_COLUMNS
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_comparison_on_mlp_digits_writes_log_summary_record_and_figures(tmp_path, capsys):

@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from optim_cases import DT, one_thread  # noqa: F401 (autouse fixture)
+from optim_cases import DT
 from optim_cases import batches as _batches
 from optim_cases import net as _net
 from torch import nn
@@ -26,6 +26,8 @@ from mbf_analysis.layout import model_layouts
 from mbf_analysis.optim import KFAC, kfac_true_step
 
 CE = nn.CrossEntropyLoss()
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SETTINGS = dict(damping=0.05, momentum=0.8, dampening=0.25, stat_decay=0.7)

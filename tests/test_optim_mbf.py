@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from optim_cases import DT, one_thread  # noqa: F401 (autouse fixture)
+from optim_cases import DT
 from optim_cases import batches as _batches
 from optim_cases import net as _net
 from torch import nn
@@ -28,6 +28,8 @@ CE = nn.CrossEntropyLoss()
 IMPLS = ["fast", "reference"]
 # Linear(8 → 5): 5·9² = 405 > 200 is spatially averaged; Linear(5 → 3): 3·6² = 108 is not.
 SPATIAL = 200
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _backward(model, batch):

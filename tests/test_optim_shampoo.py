@@ -4,7 +4,6 @@ import io
 
 import pytest
 import torch
-from optim_cases import DT, one_thread  # noqa: F401 (autouse fixture)
 from optim_cases import batches as _batches
 from optim_cases import net as _net
 from torch import nn
@@ -16,6 +15,8 @@ from mbf_analysis.layout import model_layouts
 from mbf_analysis.optim import Shampoo
 
 CE = nn.CrossEntropyLoss()
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SETTINGS = dict(eps=1e-3, momentum=0.8, dampening=0.25, stat_period=2, inverse_period=3)

@@ -41,14 +41,7 @@ matplotlib.use("Agg")
 _BESIDE_REPO = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHARED_DATA = _BESIDE_REPO if _BESIDE_REPO.is_dir() else Path("/work/shared/data")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread (the machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,25 @@ def positive_float(text: str) -> float:
     return value
 
 
+def add_data_dir(parser: argparse.ArgumentParser) -> None:
+    """``--data-dir``: where :func:`~mbf_analysis.data.load_dataset` looks first."""
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="folder with the data files (else $MBF_DATA_DIR, else ~/.cache/mbf_analysis)",
+    )
+
+
+def add_download(parser: argparse.ArgumentParser) -> None:
+    """``--download``: fetch missing data files (network needed)."""
+    parser.add_argument(
+        "--download",
+        action="store_true",
+        help="fetch missing data files from their canonical URLs (needs network)",
+    )
+
+
 def add_problem_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dataset",
@@ -55,12 +74,7 @@ def add_problem_options(parser: argparse.ArgumentParser) -> None:
         choices=dataset_names(),
         help="data set (default: digits, embedded, works offline)",
     )
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help="folder with the data files (else $MBF_DATA_DIR, else ~/.cache/mbf_analysis)",
-    )
+    add_data_dir(parser)
     parser.add_argument(
         "--model",
         default=None,
@@ -68,11 +82,7 @@ def add_problem_options(parser: argparse.ArgumentParser) -> None:
         help="network (default: digits-mlp for digits, paper-mlp for mnist16, "
         "simple-cnn for (fashion-)mnist)",
     )
-    parser.add_argument(
-        "--download",
-        action="store_true",
-        help="fetch missing data files from their canonical URLs (needs network)",
-    )
+    add_download(parser)
     parser.add_argument("--batch-size", type=positive_int, default=512, help="samples used")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model and the batch")
     parser.add_argument(

@@ -36,6 +36,8 @@ from mbf_analysis.checkpoints import atomic_save
 from mbf_analysis.cli.common import (
     DEFAULT_MODEL,
     UsageError,
+    add_data_dir,
+    add_download,
     check_layers,
     csv_list,
     dataset_and_model,
@@ -106,17 +108,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--dataset", choices=dataset_names(), default=None, help="data set (default: digits)"
     )
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help="folder with the data files (else $MBF_DATA_DIR, else ~/.cache/mbf_analysis)",
-    )
-    parser.add_argument(
-        "--download",
-        action="store_true",
-        help="fetch missing data files from their canonical URLs (needs network)",
-    )
+    add_data_dir(parser)
+    add_download(parser)
     parser.add_argument(
         "--model",
         choices=model_names(),

@@ -12,6 +12,7 @@ import torch
 
 from mbf_analysis.cli.common import (
     UsageError,
+    add_data_dir,
     csv_list,
     parse_device,
     positive_float,
@@ -110,12 +111,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--dtype", default="float32", choices=["float32", "float64"], help="precision (float32)"
     )
-    train.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help="folder with the data files (else $MBF_DATA_DIR, else ~/.cache/mbf_analysis)",
-    )
+    add_data_dir(train)
     train.add_argument(
         "--eval-samples",
         type=positive_int,
