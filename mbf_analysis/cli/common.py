@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from mbf_analysis import __version__
+from mbf_analysis.curvature import FISHER_KINDS
 from mbf_analysis.data import Dataset, dataset_names, load_dataset
 from mbf_analysis.layout import model_layouts
 from mbf_analysis.models import build_model, model_names
@@ -65,6 +66,27 @@ def add_download(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="fetch missing data files from their canonical URLs (needs network)",
     )
+
+
+def add_fisher_kinds(parser: argparse.ArgumentParser) -> None:
+    """``--kinds`` (which Fisher matrices) and ``--mc-samples`` (labels per input for ``mc``)."""
+    parser.add_argument(
+        "--kinds",
+        type=csv_list,
+        default=["empirical", "exact"],
+        help=f"comma-separated Fisher kinds from {', '.join(FISHER_KINDS)} "
+        "(default: empirical,exact)",
+    )
+    parser.add_argument(
+        "--mc-samples", type=positive_int, default=1, help="labels drawn per input for kind mc"
+    )
+
+
+def check_kinds(kinds: list[str]) -> None:
+    """Refuse an empty ``--kinds`` or one naming an unknown Fisher kind."""
+    unknown = [k for k in kinds if k not in FISHER_KINDS]
+    if unknown or not kinds:
+        raise UsageError(f"--kinds {','.join(kinds)}: choose from {', '.join(FISHER_KINDS)}")
 
 
 def add_problem_options(parser: argparse.ArgumentParser) -> None:

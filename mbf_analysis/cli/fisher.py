@@ -11,16 +11,15 @@ import torch
 from mbf_analysis.analysis import fisher_summary
 from mbf_analysis.cli.common import (
     DEFAULT_MODEL,
-    UsageError,
+    add_fisher_kinds,
     add_problem_options,
+    check_kinds,
     check_layers,
     csv_list,
     positive_float,
-    positive_int,
     problem,
     save_run,
 )
-from mbf_analysis.curvature import FISHER_KINDS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,29 +32,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "fraction of |(F + λI)⁻¹| inside the mini-blocks next to the area they cover.",
     )
     add_problem_options(fisher)
-    fisher.add_argument(
-        "--kinds",
-        type=csv_list,
-        default=["empirical", "exact"],
-        help=f"comma-separated Fisher kinds from {', '.join(FISHER_KINDS)} "
-        "(default: empirical,exact)",
-    )
+    add_fisher_kinds(fisher)
     fisher.add_argument(
         "--damping", type=positive_float, default=1e-3, help="λ in F + λI (default: 1e-3)"
     )
     fisher.add_argument(
         "--layers", type=csv_list, default=None, help="comma-separated module names (default: all)"
     )
-    fisher.add_argument(
-        "--mc-samples", type=positive_int, default=1, help="labels drawn per input for kind mc"
-    )
     fisher.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    unknown = [k for k in args.kinds if k not in FISHER_KINDS]
-    if unknown or not args.kinds:
-        raise UsageError(f"--kinds {','.join(args.kinds)}: choose from {', '.join(FISHER_KINDS)}")
+    check_kinds(args.kinds)
     start = time.perf_counter()
     dataset, model, loss_fn, inputs, targets = problem(args)
     loaded = time.perf_counter()

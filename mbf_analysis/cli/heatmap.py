@@ -16,7 +16,9 @@ from mbf_analysis.checkpoints import TrainConfig, checkpoint_path, pretrained_mo
 from mbf_analysis.cli.common import (
     DEFAULT_MODEL,
     UsageError,
+    add_fisher_kinds,
     add_problem_options,
+    check_kinds,
     check_layers,
     csv_list,
     parse_device,
@@ -25,7 +27,6 @@ from mbf_analysis.cli.common import (
     problem,
     save_run,
 )
-from mbf_analysis.curvature import FISHER_KINDS
 from mbf_analysis.layout import model_layouts
 from mbf_analysis.plotting import plot_heatmap_grid, save_figure
 
@@ -83,21 +84,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=6000,
         help="largest layer analysed whole when --layers is not given (default: 6000)",
     )
-    heatmap.add_argument(
-        "--kinds",
-        type=csv_list,
-        default=["empirical", "exact"],
-        help=f"comma-separated Fisher kinds from {', '.join(FISHER_KINDS)} "
-        "(default: empirical,exact)",
-    )
+    add_fisher_kinds(heatmap)
     heatmap.add_argument(
         "--damping",
         type=positive_float,
         default=1e-3,
         help="λ in (F + λI)⁻¹ (default: 1e-3, as in `fisher`; the paper does not give its value)",
-    )
-    heatmap.add_argument(
-        "--mc-samples", type=positive_int, default=1, help="labels drawn per input for kind mc"
     )
     heatmap.add_argument(
         "--epochs",
@@ -207,9 +199,7 @@ def _save_heatmaps(out: Path, result: InverseHeatmaps, save_matrices: bool) -> l
 
 
 def run(args: argparse.Namespace) -> None:
-    unknown = [k for k in args.kinds if k not in FISHER_KINDS]
-    if unknown or not args.kinds:
-        raise UsageError(f"--kinds {','.join(args.kinds)}: choose from {', '.join(FISHER_KINDS)}")
+    check_kinds(args.kinds)
     if args.epochs is not None and args.epochs < 0:
         raise UsageError(f"--epochs {args.epochs}: must be 0 or more")
     start = time.perf_counter()
