@@ -118,15 +118,30 @@ def test_damped_inverse_rank_deficient_blocks(dtype: torch.dtype, rtol: float, r
     assert rel_err(damped_inverse(mats, 3e-3), dense_inverse(mats, 3e-3)) < rtol
 
 
+def exact_singular(lost_pivot: float) -> Tensor:
+    """``L Lᵀ`` with ``L = [[1, 0, 0], [2, 1, 0], [2, 0, 0]]``, plus ``lost_pivot`` on ``[2, 2]``.
+
+    Every entry and every step of its Cholesky factorization is exact in float64, so whether the
+    factorization fails does not depend on the BLAS: with ``lost_pivot = 0`` the last pivot is
+    exactly 0 (Cholesky fails); with ``lost_pivot = 2⁻⁵⁰`` (one ulp of 4) it is ``2⁻⁵⁰ > 0``, so
+    Cholesky "succeeds" on what is rounding noise, and only the lost-pivot test rejects it.
+    """
+    factor = torch.tensor([[1.0, 0.0, 0.0], [2.0, 1.0, 0.0], [2.0, 0.0, 0.0]], dtype=F64)
+    mats = factor @ factor.mT
+    mats[2, 2] += lost_pivot
+    return mats
+
+
 @pytest.mark.parametrize(
-    "s, rank, seed, cholesky_succeeds",
-    [(6, 2, 5, False), (5, 3, 4, True)],
+    "lost_pivot, cholesky_succeeds",
+    [(0.0, False), (2.0**-50, True)],
     ids=["cholesky-fails", "cholesky-succeeds-on-rounding-noise"],
 )
 def test_zero_damping_singular_block_gives_pseudo_inverse(
-    s: int, rank: int, seed: int, cholesky_succeeds: bool, caplog: pytest.LogCaptureFixture
+    lost_pivot: float, cholesky_succeeds: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    singular = low_rank_psd((), s, rank, seed=seed)
+    singular = exact_singular(lost_pivot)
+    s = singular.shape[-1]
     info = torch.linalg.cholesky_ex(singular).info
     assert bool(info == 0) == cholesky_succeeds, "test premise"
     regular = random_spd((), s, cond=10.0, seed=6)
