@@ -36,6 +36,7 @@ __all__ = [
     "plot_training_curves",
     "save_figure",
     "smooth_cosines",
+    "smoothing_window",
 ]
 
 BLOCK_GID = "miniblock"
@@ -62,12 +63,16 @@ def plot_inverse_heatmap(
     cmap: str = "rocket",
     mark_blocks: bool = True,
     colorbar: bool = True,
+    block_range: tuple[int, int] | None = None,
 ) -> Figure:
     """Heatmap of ``|P|`` (``[k, k]``) with its diagonal mini-blocks outlined.
 
     Entry ``(i, j)`` is the pixel centred at ``(j, i)``; mini-block ``b`` covering indices
     ``o_b .. o_b + s_b − 1`` is outlined by a square with corner ``(o_b − ½, o_b − ½)`` and side
-    ``s_b`` (``gid`` :data:`BLOCK_GID`), one per block.
+    ``s_b`` (``gid`` :data:`BLOCK_GID`), one per block. With ``block_range = (b0, b1)`` only the
+    rows and columns of blocks ``b0 .. b1 − 1`` are drawn (a zoom in which the block boundaries of
+    a large matrix stay visible), at their indices in the whole matrix; the colour scale is the
+    whole matrix's, so a zoom and the full view compare directly.
 
     Args:
         matrix: ``[k, k]``; its absolute value is shown.
@@ -81,12 +86,14 @@ def plot_inverse_heatmap(
         cmap: Colour map name (seaborn's or matplotlib's).
         mark_blocks: Outline the mini-blocks.
         colorbar: Add a colour bar.
+        block_range: ``(b0, b1)``: draw blocks ``b0 .. b1 − 1`` only (default: all).
 
     Returns:
         The figure holding ``ax``.
 
     Raises:
-        ValueError: If ``matrix`` is not square or the block sizes do not add up to ``k``.
+        ValueError: If ``matrix`` is not square, the block sizes do not add up to ``k``, or the
+            block range is empty or out of range.
     """
     values = np.abs(_as_numpy(matrix))
     sizes = [int(s) for s in block_sizes]
@@ -107,10 +114,21 @@ def plot_inverse_heatmap(
         norm: Normalize = LogNorm(vmin=max(low, top / dynamic_range), vmax=top, clip=True)
     else:
         norm = Normalize(vmin=0.0, vmax=top)
-    image = ax.imshow(values, cmap=sns.color_palette(cmap, as_cmap=True), norm=norm)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    first, stop = (0, len(sizes)) if block_range is None else block_range
+    if not 0 <= first < stop <= len(sizes):
+        raise ValueError(f"block_range {block_range} is not within the {len(sizes)} blocks.")
+    lo, hi = int(offsets[first]), int(offsets[stop])
+    image = ax.imshow(
+        values[lo:hi, lo:hi],
+        cmap=sns.color_palette(cmap, as_cmap=True),
+        norm=norm,
+        interpolation="nearest",
+        extent=(lo - 0.5, hi - 0.5, hi - 0.5, lo - 0.5),
+    )
     if mark_blocks:
-        offset = 0
-        for size in sizes:
+        offset = lo
+        for size in sizes[first:stop]:
             ax.add_patch(
                 Rectangle(
                     (offset - 0.5, offset - 0.5),
@@ -118,17 +136,20 @@ def plot_inverse_heatmap(
                     size,
                     fill=False,
                     edgecolor="#4dd0e1",
-                    linewidth=0.4,
+                    linewidth=0.5 if stop - first > 64 else 0.9,
                     gid=BLOCK_GID,
                 )
             )
             offset += size
     ax.set_xlabel("parameter index")
     ax.set_ylabel("parameter index")
+    ax.tick_params(labelsize=7)
     if title:
-        ax.set_title(title)
+        ax.set_title(title, fontsize=8)
     if colorbar:
-        fig.colorbar(image, ax=ax, label="|P|", shrink=0.85)
+        bar = fig.colorbar(image, ax=ax, shrink=0.85)
+        bar.set_label("|P|", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
     return fig
 
 
@@ -137,38 +158,56 @@ def plot_heatmap_grid(
     block_sizes: Mapping[str, Sequence[int]],
     *,
     ncols: int | None = None,
-    panel_size: float = 3.6,
+    panel_size: float = 2.6,
     suptitle: str | None = None,
+    zoom_blocks: int | None = 4,
     **kwargs: object,
 ) -> Figure:
-    """Several :func:`plot_inverse_heatmap` panels side by side (paper Fig. 5, 13, 14).
+    """Several :func:`plot_inverse_heatmap` panels (paper Fig. 5, 13, 14), at most 3 a row.
+
+    A matrix with more than ``4 · zoom_blocks`` mini-blocks also gets a zoomed panel right after
+    it, on its first ``zoom_blocks`` blocks (``block_range``), where the block boundaries stay
+    visible; at full size the outlines of, say, 64 blocks of 25 in 1600 rows are a few pixels
+    apart.
 
     Args:
         matrices: Panel title → ``[k, k]`` matrix, in panel order.
         block_sizes: Panel title → its mini-block sizes.
-        ncols: Panels per row (default: all in one row).
+        ncols: Panels per row (default: up to 3).
         panel_size: Height of a panel in inches.
         suptitle: Figure title.
+        zoom_blocks: Blocks shown in the zoomed panels (``None``: no zoom).
         **kwargs: Passed on to :func:`plot_inverse_heatmap` (``log_scale``, ``cmap``, ...).
 
     Returns:
-        The figure, one axes per matrix (each with its own colour bar).
+        The figure, one axes per panel (each with its own colour bar).
     """
     if not matrices:
         raise ValueError("no matrices to plot.")
     missing = [name for name in matrices if name not in block_sizes]
     if missing:
         raise ValueError(f"no block sizes for {missing}.")
-    ncols = min(ncols or len(matrices), len(matrices))
-    nrows = -(-len(matrices) // ncols)
-    fig = Figure(figsize=(1.25 * panel_size * ncols, panel_size * nrows), layout="constrained")
+    panels: list[tuple[str, str, tuple[int, int] | None]] = []
+    for name in matrices:
+        panels.append((name, name, None))
+        n_blocks = len(block_sizes[name])
+        if zoom_blocks is not None and n_blocks > 4 * zoom_blocks:
+            first_line = name.split("\n", 1)[0]
+            zoom_title = f"{first_line}\nzoom: mini-blocks 1-{zoom_blocks} of {n_blocks}"
+            panels.append((name, zoom_title, (0, zoom_blocks)))
+    ncols = min(ncols or 3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    height = panel_size * nrows + (0.5 if suptitle else 0.0)
+    fig = Figure(figsize=(1.3 * panel_size * ncols, height), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
-    for ax, (name, matrix) in zip(axes, matrices.items(), strict=False):
-        plot_inverse_heatmap(matrix, block_sizes[name], ax, title=name, **kwargs)
-    for ax in axes[len(matrices) :]:
+    for ax, (name, title, block_range) in zip(axes, panels, strict=False):
+        plot_inverse_heatmap(
+            matrices[name], block_sizes[name], ax, title=title, block_range=block_range, **kwargs
+        )
+    for ax in axes[len(panels) :]:
         ax.set_axis_off()
     if suptitle:
-        fig.suptitle(suptitle)
+        fig.suptitle(suptitle, fontsize=9)
     return fig
 
 
@@ -215,16 +254,20 @@ def plot_cosines(
     layers: Sequence[str] | None = None,
     methods: Sequence[str] | None = None,
     show_loss: bool = True,
-    ncols: int = 4,
-    panel_size: float = 3.2,
+    ncols: int = 3,
+    panel_size: float = 2.1,
+    title: str | None = None,
+    collapse: int | None = None,
 ) -> Figure:
     """Cosine of each method's direction with BDF's along the trajectory (paper Fig. 6).
 
     One panel per layer (x: iteration, y: rolling-mean cosine, :func:`smooth_cosines`), one line
-    per method in the same colour in every panel, and one legend for the figure. The y range is
-    ``[0, 1]`` if no cosine is negative, else ``[−1, 1]``. With ``show_loss`` and a ``loss``
-    column, a last panel shows the loss along the trajectory (the first value per iteration; a
-    log scale when every value is positive).
+    per method in the same colour in every panel, and one legend for the figure; at most
+    ``ncols`` panels a row, so that the figure fits the width of a page (about 7 inches for the
+    default 3). The y range is ``[0, 1]`` if no cosine is negative, else ``[−1, 1]``. With
+    ``show_loss`` and a ``loss`` column, a last panel shows the loss along the trajectory (the
+    first value per iteration; a log scale when every value is positive). ``collapse`` marks the
+    iteration where the loss collapsed with a dotted line in every panel.
 
     Args:
         frame: Tidy frame with columns ``iteration, layer, method, cosine`` (and ``loss``).
@@ -234,6 +277,8 @@ def plot_cosines(
         show_loss: Add the loss panel when the frame has ``loss``.
         ncols: Panels per row.
         panel_size: Height of a panel in inches.
+        title: Figure title (e.g. the data, model, λ and lr).
+        collapse: Iteration at which the loss collapsed (marked), or ``None``.
 
     Returns:
         The figure.
@@ -246,7 +291,8 @@ def plot_cosines(
     n_panels = len(layers) + int(loss)
     ncols = min(ncols, n_panels)
     nrows = -(-n_panels // ncols)
-    fig = Figure(figsize=(1.3 * panel_size * ncols, panel_size * nrows + 0.5), layout="constrained")
+    height = panel_size * nrows + 0.45 + (0.3 if title else 0.0)
+    fig = Figure(figsize=(1.12 * panel_size * ncols, height), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True).flatten()
     colors = dict(zip(methods, sns.color_palette(n_colors=len(methods)), strict=True))
     ylim = (0.0, 1.0) if float(smoothed.cosine.min()) >= 0 else (-1.0, 1.0)
@@ -254,11 +300,12 @@ def plot_cosines(
         part = smoothed[smoothed.layer == layer]
         for method in methods:
             line = part[part.method == method]
-            ax.plot(line.iteration, line.smoothed, color=colors[method], label=method, lw=1.2)
-        ax.set_title(str(layer))
+            ax.plot(line.iteration, line.smoothed, color=colors[method], label=method, lw=1.0)
+        ax.set_title(str(layer), fontsize=8)
         ax.set_ylim(*ylim)
-        ax.set_xlabel("iteration")
-        ax.set_ylabel(f"cos(d, d_BDF), rolling mean of {smoothing}")
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.set_ylabel(f"cosine with BDF (mean of {smoothing})", fontsize=7)
+        ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     if loss:
         ax = axes[len(layers)]
@@ -266,14 +313,31 @@ def plot_cosines(
         ax.plot(per_iteration.index, per_iteration.to_numpy(), color="black", lw=1.0)
         if bool((per_iteration > 0).all()):
             ax.set_yscale("log")
-        ax.set_title("training loss")
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("loss")
+        ax.set_title("minibatch loss", fontsize=8)
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.set_ylabel("loss", fontsize=7)
+        ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
+    if collapse is not None:
+        for ax in axes[:n_panels]:
+            ax.axvline(collapse, color="0.4", ls=":", lw=1.0, gid="collapse")
     for ax in axes[n_panels:]:
         ax.set_axis_off()
     handles = [axes[0].lines[i] for i in range(len(methods))]
-    fig.legend(handles, methods, loc="outside lower center", ncols=len(methods), frameon=False)
+    labels = list(methods)
+    if collapse is not None:
+        handles.append(axes[0].lines[-1])
+        labels.append(f"loss collapsed (iteration {collapse})")
+    fig.legend(
+        handles,
+        labels,
+        loc="outside lower center",
+        ncols=min(len(labels), 4),
+        frameon=False,
+        fontsize=7,
+    )
+    if title:
+        fig.suptitle(title, fontsize=9)
     return fig
 
 
@@ -299,24 +363,33 @@ def save_figure(fig: Figure, path: str | Path, *, dpi: int = 120) -> tuple[Path,
 _X_LABELS = {"wall_time": "training time (s)", "process_time": "process time (s)", "epoch": "epoch"}
 
 
+def smoothing_window(n_points: int) -> int:
+    """The rolling-mean window of a per-step curve of ``n_points``: about 2% of it (at least 1,
+    at most 200), so that the minibatch noise is smoothed but the shape stays."""
+    return int(min(200, max(1, round(n_points / 50))))
+
+
 def plot_training_curves(
     frame: pd.DataFrame,
     x: str | Sequence[str] = ("wall_time", "epoch"),
     *,
-    y: str = "train_loss",
+    y: str = "loss",
     ax: Axes | None = None,
     log_y: bool | None = None,
     optimizers: Sequence[str] | None = None,
     title: str | None = None,
-    panel_size: float = 3.6,
+    smoothing: int | None = None,
+    panel_size: float = 2.6,
 ) -> Figure:
-    """Training curves of several runs, one line per optimizer (paper Fig. 7, 8).
+    """Training curves of several runs, one colour per optimizer (paper Fig. 7, 8).
 
     Takes the log of :func:`mbf_analysis.training.train` / ``compare`` (columns ``optimizer``,
-    ``kind``, ``wall_time``, ``epoch`` and ``y``). A ``y`` of the evaluations (``train_loss``,
-    ``test_loss``, ``train_accuracy``, ``test_accuracy``) is drawn from the ``kind == "eval"``
-    rows with markers; ``loss`` (the minibatch loss) from the ``"step"`` rows. Several seeds of
-    one optimizer are drawn as separate thin lines in the same colour.
+    ``kind``, ``wall_time``, ``epoch`` and ``y``). ``y="loss"`` (the default) is the per-step
+    minibatch training loss of the ``"step"`` rows, drawn as its rolling mean over ``smoothing``
+    steps (default :func:`smoothing_window`) over the raw values in a light shade; a ``y`` of
+    the evaluations (``train_loss``, ``test_loss``, ``train_accuracy``, ``test_accuracy``) is
+    drawn from the ``"eval"`` rows with markers. A run that diverged ends in a cross where it
+    stopped. Several seeds of one optimizer are separate thin lines in the same colour.
 
     Args:
         frame: The log.
@@ -326,6 +399,7 @@ def plot_training_curves(
         log_y: Logarithmic y axis (default: for losses, when all values are positive).
         optimizers: Optimizers to draw, in legend order (default: all, in order of appearance).
         title: Figure title.
+        smoothing: Rolling-mean window of the per-step loss, in steps.
         panel_size: Height of a panel in inches.
 
     Returns:
@@ -343,38 +417,62 @@ def plot_training_curves(
         raise ValueError(f"training log lacks columns {missing}.")
     if ax is not None and len(xs) > 1:
         raise ValueError(f"ax draws one panel; got {len(xs)} x columns {xs}.")
-    rows = frame[frame.kind == ("step" if y == "loss" else "eval")].dropna(subset=[y])
+    per_step = y == "loss"
+    rows = frame[frame.kind == ("step" if per_step else "eval")].dropna(subset=[y])
     optimizers = _pick(frame, "optimizer", optimizers)
     if ax is None:
-        fig = Figure(figsize=(1.35 * panel_size * len(xs), panel_size + 0.4), layout="constrained")
+        fig = Figure(figsize=(1.3 * panel_size * len(xs), panel_size + 0.6), layout="constrained")
         axes = list(fig.subplots(1, len(xs), squeeze=False)[0])
     else:
         fig, axes = ax.get_figure(root=True), [ax]
     if log_y is None:
         log_y = "loss" in y and len(rows) > 0 and bool((rows[y] > 0).all())
     colors = dict(zip(optimizers, sns.color_palette(n_colors=len(optimizers)), strict=True))
-    marker = None if y == "loss" else "o"
-    seeds = "seed" in rows.columns and rows.groupby("optimizer")["seed"].nunique().max() > 1
+    key = "run" if "run" in rows.columns else "seed"
+    several = key in rows.columns and rows.groupby("optimizer")[key].nunique().max() > 1
+    ends = frame[(frame.kind == "end") & (frame.status == "diverged")]
     for panel, name in zip(axes, xs, strict=True):
         for optimizer in optimizers:
             runs = rows[rows.optimizer == optimizer]
-            groups = runs.groupby("seed", sort=True) if "seed" in runs.columns else [(0, runs)]
-            for i, (_, run) in enumerate(groups):
+            groups = runs.groupby(key, sort=False) if key in runs.columns else [(None, runs)]
+            for i, (run_key, run) in enumerate(groups):
+                values = run[y]
+                if per_step:
+                    window = smoothing or smoothing_window(len(run))
+                    panel.plot(run[name], values, color=colors[optimizer], lw=0.4, alpha=0.25)
+                    values = values.rolling(window, min_periods=1).mean()
                 panel.plot(
                     run[name],
-                    run[y],
+                    values,
                     color=colors[optimizer],
-                    lw=0.8 if seeds else 1.4,
-                    marker=marker,
+                    lw=0.8 if several else 1.3,
+                    marker=None if per_step else "o",
                     ms=2.5,
                     label=optimizer if i == 0 else None,
                 )
-        panel.set_xlabel(_X_LABELS[name])
-        panel.set_ylabel(y.replace("_", " "))
+                stopped = ends[ends.optimizer == optimizer]
+                if run_key is not None and key in stopped.columns:
+                    stopped = stopped[stopped[key] == run_key]
+                if len(stopped) and len(run):
+                    panel.plot(
+                        run[name].iloc[-1],
+                        values.iloc[-1],
+                        marker="x",
+                        ms=7,
+                        mew=1.6,
+                        color=colors[optimizer],
+                        gid="diverged",
+                    )
+        panel.set_xlabel(_X_LABELS[name], fontsize=8)
+        label = "minibatch training loss" if per_step else y.replace("_", " ")
+        panel.set_ylabel(label, fontsize=8)
+        panel.tick_params(labelsize=7)
         if log_y:
             panel.set_yscale("log")
         panel.grid(alpha=0.3, which="both")
-        panel.legend(frameon=False)
+    if len(ends):
+        axes[0].plot([], [], "kx", label="diverged")
+    axes[0].legend(frameon=False, fontsize=7)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=9)
     return fig

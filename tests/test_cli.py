@@ -25,8 +25,10 @@ def test_fisher_default_run_prints_and_saves(tmp_path, capsys):
     assert list(frame.layer.unique()) == ["fc1", "fc2", "fc3"]
     assert (frame.miniblock_mass > frame.miniblock_area).all()
     record = json.loads((out / "run.json").read_text())
-    assert record["config"]["batch_size"] == 64
-    assert "torch" in record["versions"]
+    assert record["command"] == "fisher" and record["status"] == "complete"
+    assert record["settings"]["batch_size"] == 64
+    assert record["environment"]["versions"]["torch"]
+    assert "untrained" in printed
 
 
 def test_fisher_on_real_mnist16(capsys):
@@ -98,7 +100,7 @@ def test_heatmap_run_saves_figures_matrices_and_uses_the_cache(tmp_path, capsys,
     assert main([*argv, "--max-dim", "600", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "not analysed whole (over --max-dim 600): fc1 (d = 2080)" in printed
-    assert "digits-mlp after 2 epochs" in printed and "mass_vs_area" in printed
+    assert "digits-mlp (after 2 epochs of SGD-m" in printed and "mass_vs_area" in printed
     for name in ("heatmap_empirical", "heatmap_exact"):
         for suffix in (".png", ".pdf"):
             assert (out / f"{name}{suffix}").stat().st_size > 1000
@@ -113,7 +115,11 @@ def test_heatmap_run_saves_figures_matrices_and_uses_the_cache(tmp_path, capsys,
         mass, area = miniblock_mass(matrix, saved["block_sizes"][row.subset])
         assert (mass, area) == pytest.approx((row.miniblock_mass, row.miniblock_area))
     record = json.loads((out / "run.json").read_text())
-    assert record["command"] == "heatmap_mass" and record["config"]["epochs"] == 2
+    assert record["command"] == "heatmap" and record["settings"]["epochs"] == 2
+    assert sorted(record["files"]) == sorted(
+        ["heatmap_mass.csv", "heatmap_matrices.pt"]
+        + [f"heatmap_{k}.{e}" for k in ("empirical", "exact") for e in ("png", "pdf")]
+    )
     assert set(record["timings_s"]) == {"load", "pretrain", "fisher", "plot"}
     assert len(list(cache.glob("*.pt"))) == 1
 
@@ -121,8 +127,8 @@ def test_heatmap_run_saves_figures_matrices_and_uses_the_cache(tmp_path, capsys,
         raise AssertionError("the cached checkpoint should have been loaded")
 
     monkeypatch.setattr(checkpoints, "train_model", no_training)
-    assert main([*argv, "--kinds", "empirical", "--layers", "fc3"]) == 0
-    assert "fc3 empirical 170 10×17" in " ".join(capsys.readouterr().out.split())
+    assert main([*argv, "--kinds", "empirical", "--layers", "fc3"]) == 0  # no --out: prints
+    assert "fc3 empirical Fisher (EFM) 170 10×17" in " ".join(capsys.readouterr().out.split())
 
 
 def test_heatmap_conv2_input_channels_on_real_fashion_mnist(tmp_path, capsys):
@@ -166,7 +172,6 @@ def test_heatmap_conv2_input_channels_on_real_fashion_mnist(tmp_path, capsys):
         (["heatmap", "--layers", "fc9"], "--layers: fc9 not in the model"),
         (["heatmap", "--channels", "fc1=1"], "--channels fc1: not a convolution of the model"),
         (["heatmap", "--kinds", "true"], "--kinds true: choose from empirical, exact, mc"),
-        (["heatmap", "--epochs", "-1"], "--epochs -1: must be 0 or more"),
         (["heatmap", "--layers", ""], "nothing to analyse"),
         (["heatmap", "--dataset", "mnist16", "--data-dir", "/nonexistent"], "Searched"),
         (
@@ -194,11 +199,16 @@ def test_heatmap_bad_input_gives_one_line_and_exit_code_2(argv, message, capsys,
 
 
 @pytest.mark.parametrize(
-    "argv",
-    [["heatmap", "--channels", "conv2"], ["heatmap", "--channels", "conv2=a"]],
+    "argv, message",
+    [
+        (["heatmap", "--channels", "conv2"], "LAYER=I,J,..."),
+        (["heatmap", "--channels", "conv2=a"], "LAYER=I,J,..."),
+        (["heatmap", "--epochs", "-1"], "--epochs: must be 0 or more, got -1"),
+        (["fisher", "--epochs", "-1"], "--epochs: must be 0 or more, got -1"),
+    ],
 )
-def test_heatmap_malformed_channels_exit_2(argv, capsys):
+def test_malformed_values_are_argparse_errors_with_exit_code_2(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2
-    assert "LAYER=I,J,..." in capsys.readouterr().err
+    assert message in capsys.readouterr().err

@@ -38,7 +38,8 @@ def test_a_run_writes_every_file_and_prints_the_median_table(tmp_path, capsys):
     assert record["status"] == "complete"
     assert record["settings"]["iterations"] == 4 and record["settings"]["model"] == "digits-mlp"
     assert record["timings_s"]["per_iteration"] > 0
-    assert "torch" in record["versions"]
+    assert record["environment"]["versions"]["torch"]
+    assert record["environment"]["threads"]["torch_threads"] == 1
     for name in ("cosine.png", "cosine.pdf", "cosine_state.pt"):
         assert (tmp_path / name).stat().st_size > 0
     state = torch.load(tmp_path / "cosine_state.pt", weights_only=True)
@@ -141,7 +142,7 @@ def test_the_paper_preset_runs_the_paper_setting_on_real_data(tmp_path):
         (["--layers", "fc9"], "fc9 not in the model"),
         (["--seed", "-1"], "--seed"),
         (["--dataset", "mnist16", "--data-dir", "{empty}"], "mnist16"),
-        (["--resume"], "no saved run"),
+        (["--resume"], "no run to continue"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys, extra, message):

@@ -26,14 +26,16 @@ def test_comparison_on_mlp_digits_writes_log_summary_record_and_figures(tmp_path
     summary = pd.read_csv(out / "train_summary.csv")
     assert list(summary.optimizer) == ["mbf", "sgdm"] and (summary.epochs == 2).all()
     record = json.loads((out / "run.json").read_text())
-    assert record["command"] == "train_summary"
-    assert record["config"]["optimizer"] == ["mbf", "sgdm"] and record["config"]["epochs"] == 2
-    assert "torch" in record["versions"] and "train" in record["timings_s"]
+    assert record["command"] == "train" and record["status"] == "complete"
+    assert record["settings"]["optimizer"] == ["mbf", "sgdm"] and record["settings"]["epochs"] == 2
+    assert record["environment"]["versions"]["torch"] and "train" in record["timings_s"]
     for suffix in ("png", "pdf"):
         assert (out / f"train_curves.{suffix}").stat().st_size > 0
     # a second run into the same folder would mix two runs in one log: refused
     assert main([*argv, "--no-progress", "--out", str(out)]) == 2
-    assert "train_log.csv already exists" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already holds a complete run of `mbf-analyze train`" in err
+    assert "--resume" in err and "--overwrite" in err
 
 
 def test_overrides_reach_the_run(tmp_path):

@@ -24,7 +24,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mbf_analysis import data
+from mbf_analysis import data, datafiles
 from mbf_analysis.data import (
     DATASETS,
     ENV_VAR,
@@ -495,9 +495,18 @@ def test_missing_files_error_names_files_folders_and_source(name: str, tmp_path:
     for folder in (empty, empty / spec.subdirs[0], default_cache_dir()):
         assert str(folder) in message
     assert SOURCES[name] in message
-    assert "--data-dir" in message and ENV_VAR in message
+    assert "download=True" in message and "data_dir=" in message and ENV_VAR in message
+    assert "--download" not in message and "--data-dir" not in message
     assert "\n" not in message
     assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, DataError)
+
+
+def test_missing_files_error_from_the_command_line_names_the_flags(tmp_path: Path) -> None:
+    with pytest.raises(DataNotFoundError) as info:
+        datafiles.locate("mnist", tmp_path / "empty", interface="cli")
+    message = str(info.value)
+    assert "--download" in message and "--data-dir" in message
+    assert "download=True" not in message and "data_dir=" not in message
 
 
 def test_partial_folder_names_the_missing_files(tmp_path: Path) -> None:
@@ -596,12 +605,12 @@ def test_download_mnist_checks_md5_and_loads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mnist: Dataset
 ) -> None:
     calls: list[str] = []
-    monkeypatch.setattr(data, "_fetch", copying_fetch(SHARED_DATA / "mnist", calls))
+    monkeypatch.setattr(datafiles, "_fetch", copying_fetch(SHARED_DATA / "mnist", calls))
     ds = load_dataset("mnist", tmp_path, download=True)
     assert calls == [SOURCES["mnist"] + name for name in MNIST_FILES]
     assert sorted(p.name for p in (tmp_path / "mnist").iterdir()) == sorted(MNIST_FILES)
     assert torch.equal(ds.train_x, mnist.train_x) and torch.equal(ds.test_y, mnist.test_y)
-    monkeypatch.setattr(data, "_fetch", failing_fetch)  # present now: no second download
+    monkeypatch.setattr(datafiles, "_fetch", failing_fetch)  # present now: no second download
     assert torch.equal(load_dataset("mnist", tmp_path, download=True).test_y, mnist.test_y)
 
 
@@ -609,7 +618,7 @@ def test_download_fetches_only_missing_files(tmp_path: Path, monkeypatch: pytest
     for name in MNIST_FILES[1:]:
         write_gz(tmp_path / "fashion_mnist" / name, b"")  # present, so not fetched
     calls: list[str] = []
-    monkeypatch.setattr(data, "_fetch", copying_fetch(SHARED_DATA / "fashion_mnist", calls))
+    monkeypatch.setattr(datafiles, "_fetch", copying_fetch(SHARED_DATA / "fashion_mnist", calls))
     with pytest.raises(CorruptDataError):  # the empty placeholders are read and rejected
         load_dataset("fashion-mnist", tmp_path, download=True)
     assert calls == [SOURCES["fashion-mnist"] + MNIST_FILES[0]]
@@ -621,7 +630,7 @@ def test_download_bad_checksum_raises_and_keeps_nothing(
     def garbage_fetch(url: str, dest: Path) -> None:
         dest.write_bytes(b"<html>captive portal</html>")
 
-    monkeypatch.setattr(data, "_fetch", garbage_fetch)
+    monkeypatch.setattr(datafiles, "_fetch", garbage_fetch)
     with pytest.raises(ChecksumError) as info:
         load_dataset("mnist", tmp_path, download=True)
     message = str(info.value)
@@ -634,7 +643,7 @@ def test_download_bad_checksum_raises_and_keeps_nothing(
 def test_download_offline_says_what_to_fetch_and_where(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(data, "_fetch", failing_fetch)
+    monkeypatch.setattr(datafiles, "_fetch", failing_fetch)
     with pytest.raises(DownloadError) as info:
         load_dataset("svhn", tmp_path, download=True)
     message = str(info.value)
@@ -654,7 +663,7 @@ def test_download_goes_to_cache_without_data_dir(
         assert url == SOURCES["curves"]
         scipy.io.savemat(dest, {"bdata": bdata, "bdatatest": bdatatest})
 
-    monkeypatch.setattr(data, "_fetch", fetch)
+    monkeypatch.setattr(datafiles, "_fetch", fetch)
     ds = load_dataset("curves", download=True)
     assert (default_cache_dir() / "curves" / "digs3pts_1.mat").is_file()
     assert ds.train_x.shape == (3, 1, 28, 28) and ds.test_x.max().item() == 0.75
@@ -683,7 +692,7 @@ def test_download_archive_is_checked_unpacked_and_removed(
         assert url == SOURCES["cifar10"]
         dest.write_bytes(archive)
 
-    monkeypatch.setattr(data, "_fetch", fetch)
+    monkeypatch.setattr(datafiles, "_fetch", fetch)
     # The real md5 rejects the tiny archive ...
     with pytest.raises(ChecksumError, match="c58f30108f718f92721af3b95e74349a"):
         load_dataset("cifar10", root, download=True)
@@ -705,7 +714,7 @@ def test_download_archive_with_unsafe_paths_is_refused(
     spec = DATASETS["cifar100"]
     remote = RemoteFile(spec.remotes[0].url, hashlib.md5(archive).hexdigest(), archive=True)
     monkeypatch.setitem(DATASETS, "cifar100", dataclasses.replace(spec, remotes=(remote,)))
-    monkeypatch.setattr(data, "_fetch", lambda url, dest: dest.write_bytes(archive))
+    monkeypatch.setattr(datafiles, "_fetch", lambda url, dest: dest.write_bytes(archive))
     with pytest.raises(CorruptDataError, match="unsafe"):
         load_dataset("cifar100", tmp_path / "root", download=True)
     assert not (tmp_path / "escaped.txt").exists()

@@ -186,13 +186,31 @@ def test_summary_columns_and_block_description():
         "damping",
         "n_samples",
         "trace",
+        "eig_max",
+        "damping_dominated",
         "miniblock_mass",
         "miniblock_area",
     ]
     assert list(result.summary.blocks) == ["6×9 + 3×1", "2×6", "2×6 + 2×1"]
+    for row in result.summary.itertuples():
+        fisher = result.fishers[row.kind][row.subset]
+        assert row.eig_max == pytest.approx(float(torch.linalg.eigvalsh(fisher)[-1]), rel=1e-12)
+        assert row.damping_dominated == (row.eig_max <= row.damping)
     assert list(result.summary.subset) == ["0", "2.weight[:, 0]", "2.weight[:, 2]+bias"]
     assert list(result.matrices) == ["empirical"]
     assert list(result.subsets) == list(result.summary.subset)
+
+
+def test_a_dead_channel_is_flagged_as_damping_dominated():
+    model, x, y = _problem(_tiny_cnn, (2, 3, 4))
+    with torch.no_grad():  # output channel 0 of the first conv is dead after its ReLU, so the
+        model[0].weight[0].zero_()  # kernels of the second conv reading it get no gradient
+        model[0].bias[0] = -10.0
+    subsets = [s for s, _ in _subsets_cnn(model)]
+    summary = inverse_fisher_heatmaps(model, nn.CrossEntropyLoss(), x, y, subsets).summary
+    dominated = summary.set_index("subset").damping_dominated
+    assert bool(dominated["2.weight[:, 0]"])
+    assert not bool(dominated["0"])
 
 
 def test_freezing_is_temporary_and_changes_nothing():

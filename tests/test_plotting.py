@@ -130,7 +130,7 @@ def test_cosine_figure_panels_lines_legend_and_range():
     frame = _cosine_frame()
     fig = plot_cosines(frame, smoothing=4, layers=["fc3", "fc2"], methods=["sgdm", "mbf"])
     panels = [ax for ax in fig.axes if ax.axison]
-    assert [ax.get_title() for ax in panels] == ["fc3", "fc2", "training loss"]
+    assert [ax.get_title() for ax in panels] == ["fc3", "fc2", "minibatch loss"]
     smoothed = smooth_cosines(frame, 4)
     for ax in panels[:2]:
         assert ax.get_ylim() == (0.0, 1.0)

@@ -390,7 +390,7 @@ def test_grid_search_marks_no_best_when_every_point_diverges(digits):
 
 def test_training_curves_one_line_per_optimizer_log_scale(digits):
     log = compare("mlp-digits", ["sgdm", "mbf"], epochs=2, dataset=digits, progress=False)
-    fig = plot_training_curves(log, ("wall_time", "epoch"))
+    fig = plot_training_curves(log, ("wall_time", "epoch"), y="train_loss")
     axes = fig.get_axes()
     assert len(axes) == 2
     for ax in axes:
@@ -398,5 +398,36 @@ def test_training_curves_one_line_per_optimizer_log_scale(digits):
         assert ax.get_yscale() == "log"
         assert len(ax.get_lines()[0].get_xdata()) == 3  # evaluations at epochs 0, 1, 2
     assert list(axes[1].get_lines()[0].get_xdata()) == [0.0, 1.0, 2.0]
+
+
+def test_training_curves_default_to_the_smoothed_per_step_loss(digits):
+    log = compare("mlp-digits", ["sgdm", "mbf"], epochs=2, dataset=digits, progress=False)
+    fig = plot_training_curves(log, "epoch", smoothing=5)
+    ax = fig.get_axes()[0]
+    labelled = [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+    assert [line.get_label() for line in labelled] == ["sgdm", "mbf"]
+    steps = log[(log.kind == "step") & (log.optimizer == "sgdm")]
+    assert len(labelled[0].get_xdata()) == len(steps) == 30  # every step, 15 per epoch
+    expected = steps.loss.rolling(5, min_periods=1).mean().to_numpy()
+    assert labelled[0].get_ydata() == pytest.approx(expected)
+    assert ax.get_ylabel() == "minibatch training loss"
+
+
+def test_training_curves_mark_where_a_run_diverged(digits):
+    data = _copy(digits)
+
+    def poison(row):  # sgdm diverges at its 4th step; adam then trains on NaN and stops at once
+        if row["step"] == 3:
+            data.train_x.fill_(math.nan)
+
+    log = compare(
+        "mlp-digits", ["sgdm", "adam"], epochs=1, dataset=data, on_step=poison, progress=False
+    )
+    assert list(log[log.kind == "end"].status) == ["diverged", "diverged"]
+    fig = plot_training_curves(log, "epoch")
+    ax = fig.get_axes()[0]
+    crosses = [line for line in ax.get_lines() if line.get_gid() == "diverged"]
+    assert crosses and all(line.get_marker() == "x" for line in crosses)
+    assert "diverged" in [t.get_text() for t in ax.get_legend().get_texts()]
     with pytest.raises(ValueError, match="x must be among"):
         plot_training_curves(log, "steps")

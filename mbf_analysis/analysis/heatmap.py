@@ -174,9 +174,11 @@ class InverseHeatmaps:
             re-damp without another pass over the data).
         subsets: Subset label → :class:`ParameterSubset`, in the order given.
         summary: One row per subset and kind; columns ``subset, layer, kind, dim, n_blocks,
-            blocks, damping, n_samples, trace, miniblock_mass, miniblock_area`` with
-            ``trace = tr F_S`` (compare ``trace / dim``, the mean eigenvalue, with ``λ``: where
-            ``λ`` dominates, ``P_S ≈ I/λ`` and the mass tends to the diagonal's).
+            blocks, damping, n_samples, trace, eig_max, damping_dominated, miniblock_mass,
+            miniblock_area`` with ``trace = tr F_S``, ``eig_max`` its largest eigenvalue and
+            ``damping_dominated = eig_max ≤ λ``: then every eigenvalue of ``F_S + λI`` lies in
+            ``[λ, 2λ]``, ``P_S`` is within a factor 2 of ``I/λ`` and its mini-block mass says
+            nothing about ``F_S`` (a dead channel, or a ``λ`` too large for the layer).
     """
 
     matrices: dict[str, dict[str, Tensor]]
@@ -288,6 +290,7 @@ def inverse_fisher_heatmaps(
             identity = torch.eye(s.dim, device=device, dtype=torch.float64)
             inverse = torch.linalg.inv(fisher + damping * identity)
             matrices[kind][s.label] = inverse
+            eig_max = float(torch.linalg.eigvalsh(fisher)[-1])
             mass, area = miniblock_mass(inverse, s.block_sizes)
             rows_out.append(
                 {
@@ -300,6 +303,8 @@ def inverse_fisher_heatmaps(
                     "damping": damping,
                     "n_samples": len(inputs),
                     "trace": float(fisher.trace()),
+                    "eig_max": eig_max,
+                    "damping_dominated": eig_max <= damping,
                     "miniblock_mass": mass,
                     "miniblock_area": area,
                 }

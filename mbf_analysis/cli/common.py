@@ -1,22 +1,26 @@
-"""What every ``mbf-analyze`` subcommand shares: the problem options, data and model loading,
-option parsers, the usage error and the ``run.json`` record."""
+"""What every ``mbf-analyze`` subcommand shares: the usage error, option parsers, the options
+every subcommand has, and data and model loading.
+
+Everything at module level here is light (argparse and the torch-free
+:mod:`~mbf_analysis.cli.choices` and :mod:`~mbf_analysis.datafiles`): building the parser,
+``--help``, an argument error and a missing data file never import torch. The functions that
+need torch import it when they run.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-import torch
-from torch import nn
+from mbf_analysis.cli.choices import DATASETS, FISHER_KINDS, MODELS
+from mbf_analysis.datafiles import get_dataset_spec, locate
 
-from mbf_analysis import __version__
-from mbf_analysis.curvature import FISHER_KINDS
-from mbf_analysis.data import Dataset, dataset_names, load_dataset
-from mbf_analysis.layout import model_layouts
-from mbf_analysis.models import build_model, model_names
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from mbf_analysis.data import Dataset
 
 DEFAULT_MODEL = {
     "digits": "digits-mlp",
@@ -42,10 +46,24 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
 
 
@@ -68,13 +86,41 @@ def add_download(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_threads(parser: argparse.ArgumentParser) -> None:
+    """``--threads``: torch's intra-op threads (the wait policy is set in ``main``)."""
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch intra-op threads (default: torch's choice, the number of cores); "
+        "OMP_WAIT_POLICY is PASSIVE unless you set it",
+    )
+
+
+def add_out(parser: argparse.ArgumentParser, *, resumable: bool, default: str) -> None:
+    """``--out`` and ``--overwrite`` (and ``--resume`` for subcommands that can resume)."""
+    parser.add_argument("--out", type=Path, default=None, help=f"output folder ({default})")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in --out (its files are deleted first)",
+    )
+    if resumable:
+        parser.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue the run saved in --out with its saved settings (needs only --out)",
+        )
+
+
 def add_fisher_kinds(parser: argparse.ArgumentParser) -> None:
     """``--kinds`` (which Fisher matrices) and ``--mc-samples`` (labels per input for ``mc``)."""
     parser.add_argument(
         "--kinds",
         type=csv_list,
         default=["empirical", "exact"],
-        help=f"comma-separated Fisher kinds from {', '.join(FISHER_KINDS)} "
+        help=f"comma-separated Fisher kinds from {', '.join(FISHER_KINDS)}: empirical (EFM), "
+        "exact (the true Fisher, computed exactly) and mc (the true Fisher, Monte-Carlo) "
         "(default: empirical,exact)",
     )
     parser.add_argument(
@@ -93,14 +139,14 @@ def add_problem_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dataset",
         default="digits",
-        choices=dataset_names(),
+        choices=DATASETS,
         help="data set (default: digits, embedded, works offline)",
     )
     add_data_dir(parser)
     parser.add_argument(
         "--model",
         default=None,
-        choices=model_names(),
+        choices=MODELS,
         help="network (default: digits-mlp for digits, paper-mlp for mnist16, "
         "simple-cnn for (fashion-)mnist)",
     )
@@ -116,10 +162,34 @@ def add_problem_options(parser: argparse.ArgumentParser) -> None:
         choices=["float32", "float64"],
         help="floating-point precision (default: float64)",
     )
-    parser.add_argument("--out", type=Path, default=None, help="folder for CSV and run.json")
+    add_threads(parser)
+
+
+def require_data(name: str, data_dir: Path | None, download: bool) -> Path | None:
+    """Check that data set ``name`` is on disk (or fetch it with ``download``) before torch is
+    imported; a missing file is a one-line error that names the CLI's options.
+
+    Returns:
+        The folder holding the files (absolute), or ``None`` for the embedded data set, so that a
+        resumed run finds its data without ``--data-dir``.
+    """
+    paths = locate(get_dataset_spec(name).name, data_dir, download=download, interface="cli")
+    if not paths:
+        return None
+    return next(iter(paths.values())).parent.resolve()
+
+
+def apply_threads(threads: int | None) -> None:
+    """``torch.set_num_threads(threads)`` when given."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def parse_device(name: str) -> torch.device:
+    import torch
+
     try:
         device = torch.device(name)
     except RuntimeError as err:
@@ -132,6 +202,11 @@ def parse_device(name: str) -> torch.device:
 def dataset_and_model(args: argparse.Namespace) -> tuple[Dataset, str, nn.Module]:
     """The labelled data set and the seeded model (on ``--device``, in ``--dtype``, eval mode)
     that the options ask for, checked to accept the data's inputs."""
+    import torch
+
+    from mbf_analysis.data import load_dataset
+    from mbf_analysis.models import build_model
+
     dataset = load_dataset(args.dataset, args.data_dir, download=args.download)
     if not dataset.has_labels:
         raise UsageError(f"--dataset {args.dataset} has no labels; pick a classification set")
@@ -153,17 +228,19 @@ def dataset_and_model(args: argparse.Namespace) -> tuple[Dataset, str, nn.Module
     return dataset, model_name, model
 
 
-def problem(
-    args: argparse.Namespace,
-) -> tuple[Dataset, nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
-    """Data set, model, loss and one batch of ``--batch-size`` samples (seeded by ``--seed``)."""
-    dataset, _, model = dataset_and_model(args)
-    generator = torch.Generator().manual_seed(args.seed)
-    index = torch.randperm(len(dataset.train_x), generator=generator)[: args.batch_size]
-    return dataset, model, nn.CrossEntropyLoss(), dataset.train_x[index], dataset.train_y[index]
+def batch_of(dataset: Dataset, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch_size`` training samples drawn without replacement by a generator seeded with
+    ``seed``."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randperm(len(dataset.train_x), generator=generator)[:batch_size]
+    return dataset.train_x[index], dataset.train_y[index]
 
 
 def check_layers(model: nn.Module, layers: list[str] | None) -> None:
+    from mbf_analysis.layout import model_layouts
+
     available = list(model_layouts(model))
     missing = [name for name in layers or [] if name not in available]
     if missing:
@@ -173,27 +250,8 @@ def check_layers(model: nn.Module, layers: list[str] | None) -> None:
         )
 
 
-def versions() -> dict[str, str]:
-    import backpack
-    import numpy
-
-    return {
-        "mbf_analysis": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "backpack": getattr(backpack, "__version__", "unknown"),
-        "numpy": numpy.__version__,
-        "pandas": pd.__version__,
-    }
-
-
-def save_run(out: Path | None, name: str, frame: pd.DataFrame, args, timings) -> None:
-    if out is None:
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out / f"{name}.csv", index=False)
+def config_of(args: argparse.Namespace) -> dict[str, object]:
+    """The parsed options as JSON-able values (paths as strings, the ``run`` hook dropped)."""
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     config.pop("run", None)
-    record = {"command": name, "config": config, "versions": versions(), "timings_s": timings}
-    (out / "run.json").write_text(json.dumps(record, indent=2))
-    print(f"wrote {out / f'{name}.csv'} and {out / 'run.json'}")
+    return config

@@ -22,40 +22,41 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-import torch
-from torch import nn
-
-from mbf_analysis.analysis import COLUMNS, CosineConfig, CosineDivergedError, CosineRun
-from mbf_analysis.checkpoints import atomic_save
+from mbf_analysis.cli.choices import DATASETS, METHODS, MODELS
 from mbf_analysis.cli.common import (
     DEFAULT_MODEL,
     UsageError,
     add_data_dir,
     add_download,
-    check_layers,
+    add_out,
+    add_threads,
+    apply_threads,
     csv_list,
-    dataset_and_model,
-    parse_device,
     positive_float,
     positive_int,
-    versions,
+    require_data,
 )
-from mbf_analysis.data import dataset_names
-from mbf_analysis.errors import MBFError
-from mbf_analysis.methods import names as method_names
-from mbf_analysis.models import model_names
-from mbf_analysis.plotting import plot_cosines, save_figure
+from mbf_analysis.cli.run_folder import RunFolder
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from mbf_analysis.analysis import CosineRun
 
 CSV_NAME = "cosine.csv"
 STATE_NAME = "cosine_state.pt"
 RUN_NAME = "run.json"
 FIGURE_NAME = "cosine"
+OUTPUTS = (CSV_NAME, STATE_NAME, f"{FIGURE_NAME}.png", f"{FIGURE_NAME}.pdf")
+"""Every file ``cosine`` writes into ``--out`` (besides ``run.json``)."""
+
+COLLAPSE_RATIO = 1e-2
+"""The loss has *collapsed* once it is below this fraction of its first value: from then on
+the directions mostly measure convergence, and most cosines drift towards 1."""
 
 DEFAULTS: dict[str, Any] = {
     "dataset": "digits",
@@ -64,7 +65,7 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 256,
     "lr": 0.1,
     "damping": 0.003,
-    "methods": list(CosineConfig().methods),
+    "methods": ["mbf", "mbf-true", "kfac", "shampoo", "adam", "sgdm"],
     "layers": None,
     "seed": 0,
     "dtype": "float64",
@@ -106,13 +107,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "explicit options override it",
     )
     parser.add_argument(
-        "--dataset", choices=dataset_names(), default=None, help="data set (default: digits)"
+        "--dataset", choices=DATASETS, default=None, help="data set (default: digits)"
     )
     add_data_dir(parser)
     add_download(parser)
     parser.add_argument(
         "--model",
-        choices=model_names(),
+        choices=MODELS,
         default=None,
         help="network (default: digits-mlp for digits, paper-mlp for mnist16, simple-cnn for "
         "(fashion-)mnist)",
@@ -136,7 +137,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--methods",
         type=csv_list,
         default=None,
-        help=f"comma-separated methods compared with BDF, from {', '.join(method_names())} "
+        help=f"comma-separated methods compared with BDF, from {', '.join(METHODS)} "
         f"(default: {','.join(DEFAULTS['methods'])})",
     )
     parser.add_argument(
@@ -155,17 +156,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)"
     )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="output folder (default: runs/cosine-<dataset>-<model>)",
-    )
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run saved in --out up to --iterations in total, with its settings",
-    )
+    add_threads(parser)
+    add_out(parser, resumable=True, default="default: runs/cosine-<dataset>-<model>")
     parser.add_argument(
         "--checkpoint-every",
         type=positive_int,
@@ -197,11 +189,11 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     settings.update(_given(args))
     if settings["seed"] < 0:
         raise UsageError(f"--seed {settings['seed']}: must be 0 or more")
-    unknown = [m for m in settings["methods"] if m not in method_names()]
+    unknown = [m for m in settings["methods"] if m not in METHODS]
     if unknown or not settings["methods"]:
         raise UsageError(
             f"--methods {','.join(settings['methods'])}: unknown {', '.join(unknown) or 'empty'}"
-            f"; choose from {', '.join(method_names())}"
+            f"; choose from {', '.join(METHODS)}"
         )
     return settings
 
@@ -211,19 +203,14 @@ def _default_out(settings: dict[str, Any]) -> Path:
     return Path("runs") / f"cosine-{settings['dataset']}-{model}"
 
 
-def _saved_settings(out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """The settings of the run in ``out``; explicit options must agree with them."""
-    record = out / RUN_NAME
-    state = out / STATE_NAME
-    if not state.is_file() or not record.is_file():
+def _saved_settings(record: dict[str, Any], folder: RunFolder, args: argparse.Namespace):
+    """The settings of the run in ``folder`` (from its record); explicit options must agree."""
+    if not (folder.path / STATE_NAME).is_file() or not isinstance(record.get("settings"), dict):
         raise UsageError(
-            f"--resume: no saved run in {out} (needs {STATE_NAME} and {RUN_NAME}); "
-            "start it without --resume"
+            f"--resume: no saved state in {folder.path} ({STATE_NAME} missing); start it "
+            "without --resume (and --overwrite)"
         )
-    try:
-        saved = json.loads(record.read_text())["settings"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise UsageError(f"--resume: {record} is not a run.json of `mbf-analyze cosine`") from err
+    saved = dict(record["settings"])
     clash = {
         key: value
         for key, value in _given(args).items()
@@ -236,8 +223,8 @@ def _saved_settings(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     if clash:
         shown = ", ".join(f"{k}={v!r} (saved {saved.get(k)!r})" for k, v in clash.items())
         raise UsageError(
-            f"--resume continues the run in {out} with its saved settings, but {shown}; drop "
-            "those options or start a new run with another --out"
+            f"--resume continues the run in {folder.path} with its saved settings, but {shown}; "
+            "drop those options or start a new run with another --out"
         )
     if args.iterations is not None:
         saved["iterations"] = args.iterations
@@ -247,6 +234,10 @@ def _saved_settings(out: Path, args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- CSV
 def _recorded_rows(path: Path, before: int) -> pd.DataFrame:
     """The complete rows of ``path`` with ``iteration < before`` (others dropped)."""
+    import pandas as pd
+
+    from mbf_analysis.analysis import COLUMNS
+
     if not path.is_file():
         return pd.DataFrame(columns=list(COLUMNS))
     lines = path.read_text().splitlines()
@@ -281,9 +272,13 @@ class _Recorder:
         self.saved_at = time.perf_counter()
 
     def start(self, rows: pd.DataFrame) -> None:
+        from mbf_analysis.analysis import COLUMNS
+
         rows.to_csv(self.csv, index=False, columns=list(COLUMNS))
 
     def __call__(self, rows: pd.DataFrame) -> None:
+        from mbf_analysis.analysis import COLUMNS
+
         with self.csv.open("a") as fh:
             rows.to_csv(fh, index=False, header=False, columns=list(COLUMNS))
             fh.flush()
@@ -295,6 +290,8 @@ class _Recorder:
             self.save()
 
     def save(self) -> None:
+        from mbf_analysis.checkpoints import atomic_save
+
         atomic_save(self.run.state_dict(), self.state)
         self.saved_at = time.perf_counter()
 
@@ -308,35 +305,81 @@ def median_table(frame: pd.DataFrame) -> pd.DataFrame:
     return table.reindex(index=methods, columns=layers)
 
 
-def _write_record(out: Path, settings: dict[str, Any], args, status: str, timings) -> None:
-    record = {
-        "command": "cosine",
-        "settings": settings,
-        "options": {
-            "preset": args.preset,
-            "data_dir": None if args.data_dir is None else str(args.data_dir),
-            "device": args.device,
-            "checkpoint_every": args.checkpoint_every,
-            "smoothing": args.smoothing,
-        },
-        "status": status,
-        "versions": versions(),
-        "timings_s": timings,
-    }
-    (out / RUN_NAME).write_text(json.dumps(record, indent=2))
+def collapse_iteration(frame: pd.DataFrame, ratio: float = COLLAPSE_RATIO) -> int | None:
+    """The first iteration whose loss is below ``ratio`` times the first recorded loss, or
+    ``None`` when the loss never collapses."""
+    losses = frame.groupby("iteration", sort=True)["loss"].first()
+    if losses.empty or not losses.iloc[0] > 0:
+        return None
+    below = losses.index[losses < ratio * losses.iloc[0]]
+    return int(below[0]) if len(below) else None
+
+
+def _print_table(table: pd.DataFrame) -> None:
+    import pandas as pd
+
+    with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
+        print(table.to_string())
+
+
+def _record(
+    folder: RunFolder,
+    settings: dict[str, Any],
+    args: argparse.Namespace,
+    status: str,
+    timings: dict[str, float],
+    data_folder: str | None,
+    **extra: Any,
+) -> None:
+    folder.write_record(
+        {
+            "status": status,
+            "settings": settings,
+            "data_folder": data_folder,
+            "options": {
+                "preset": args.preset,
+                "device": args.device,
+                "threads": args.threads,
+                "checkpoint_every": args.checkpoint_every,
+                "smoothing": args.smoothing,
+            },
+            "timings_s": timings,
+            **extra,
+        }
+    )
 
 
 def run(args: argparse.Namespace) -> None:
     """Run (or resume) the analysis; see the module docstring for the files."""
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out, the folder of the run to continue")
-    settings = _saved_settings(args.out, args) if args.resume else _settings(args)
-    out = args.out or _default_out(settings)
+    given = _settings(args) if not args.resume else None
+    out = args.out or _default_out(given)
+    folder = RunFolder(out, "cosine", OUTPUTS, resumable=True)
+    record = folder.claim(resume=args.resume, overwrite=args.overwrite)
+    if record is not None:
+        settings = _saved_settings(record, folder, args)
+        data_dir = args.data_dir or record.get("data_folder")
+    else:
+        settings, data_dir = given, args.data_dir
+    data_folder = require_data(settings["dataset"], data_dir, args.download)
+    data_folder = None if data_folder is None else str(data_folder)
+
+    import pandas as pd
+    import torch
+    from torch import nn
+
+    from mbf_analysis.analysis import COLUMNS, CosineConfig, CosineDivergedError, CosineRun
+    from mbf_analysis.cli.common import check_layers, dataset_and_model, parse_device
+    from mbf_analysis.errors import MBFError
+    from mbf_analysis.plotting import plot_cosines, save_figure
+
+    apply_threads(args.threads)
     start = time.perf_counter()
     problem_args = argparse.Namespace(
         **{k: settings[k] for k in ("dataset", "model", "seed", "dtype")},
-        data_dir=args.data_dir,
-        download=args.download,
+        data_dir=data_folder,
+        download=False,
         device=args.device,
     )
     dataset, model_name, model = dataset_and_model(problem_args)
@@ -353,9 +396,9 @@ def run(args: argparse.Namespace) -> None:
     )
     device = parse_device(args.device)
     analysis = CosineRun(model, nn.CrossEntropyLoss(), dataset.train_x, dataset.train_y, config)
-    out.mkdir(parents=True, exist_ok=True)
     recorder = _Recorder(out, analysis, args.checkpoint_every)
-    if args.resume:
+    folder.add_files(CSV_NAME, STATE_NAME)
+    if record is not None:
         state = torch.load(out / STATE_NAME, map_location=device, weights_only=True)
         analysis.load_state_dict(state)
         previous = _recorded_rows(out / CSV_NAME, analysis.iteration)
@@ -363,13 +406,13 @@ def run(args: argparse.Namespace) -> None:
     else:
         previous = pd.DataFrame(columns=list(COLUMNS))
     recorder.start(previous)
-    if not args.resume:
+    if record is None:
         recorder.save()  # iteration 0, so that even an early interruption can be resumed
     remaining = max(config.iterations - analysis.iteration, 0)
     loaded = time.perf_counter()
     status = "complete"
     timings: dict[str, float] = {"load": loaded - start}
-    _write_record(out, settings, args, "running", timings)
+    _record(folder, settings, args, "running", timings, data_folder)
     print(
         f"cosine along the BDF trajectory: {model_name} on {dataset.name}, "
         f"{remaining} iterations of batch {config.batch_size}, lr {config.lr:g}, "
@@ -393,22 +436,35 @@ def run(args: argparse.Namespace) -> None:
         timings["per_iteration"] = (done - loaded) / max(remaining, 1)
         if status == "complete":
             recorder.save()
-        _write_record(out, settings, args, status, timings)
+        _record(folder, settings, args, status, timings, data_folder)
     frame = pd.read_csv(out / CSV_NAME)
-    panels = frame.layer.nunique() + 1  # the layers and the loss, on one row up to 5
-    fig = plot_cosines(frame, smoothing=args.smoothing, ncols=min(panels, 5))
+    collapsed = collapse_iteration(frame)
+    title = (
+        f"{model_name} on {dataset.name}: cosine with BDF (lr {config.lr:g}, "
+        f"λ = {config.damping:g}, batch {config.batch_size})"
+    )
+    fig = plot_cosines(frame, smoothing=args.smoothing, title=title, collapse=collapsed)
     png, pdf = save_figure(fig, out / FIGURE_NAME)
+    folder.add_files(png, pdf)
     timings["plot"] = time.perf_counter() - done
-    _write_record(out, settings, args, status, timings)
-    table = median_table(frame)
     final = frame.groupby("iteration")["loss"].first()
     print(
         f"median cosine with BDF over iterations 0-{int(final.index.max())} "
         f"(loss {final.iloc[0]:.3g} → {final.iloc[-1]:.3g}):"
     )
-    with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
-        print(table.to_string())
+    _print_table(median_table(frame))
+    if collapsed is not None:
+        before = frame[frame.iteration < collapsed]
+        print(
+            f"warning: the loss collapsed below {COLLAPSE_RATIO:g}× its first value at "
+            f"iteration {collapsed} ({final.loc[collapsed]:.3g}); after that the directions "
+            "mostly measure convergence and most cosines drift towards 1. Medians over "
+            f"iterations 0-{collapsed - 1}, before the collapse:"
+        )
+        if len(before):
+            _print_table(median_table(before))
+    _record(folder, settings, args, status, timings, data_folder, collapse_iteration=collapsed)
     print(
         f"{timings['per_iteration']:.3f} s per iteration; wrote {out / CSV_NAME}, "
-        f"{out / STATE_NAME}, {out / RUN_NAME}, {png.name}, {pdf.name}"
+        f"{out / STATE_NAME}, {folder.record_path}, {png.name}, {pdf.name}"
     )

@@ -6,29 +6,47 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-import torch
-from torch import nn
-
-from mbf_analysis.analysis import InverseHeatmaps, ParameterSubset, inverse_fisher_heatmaps
-from mbf_analysis.checkpoints import TrainConfig, checkpoint_path, pretrained_model
+from mbf_analysis.cli.choices import FISHER_KINDS
 from mbf_analysis.cli.common import (
-    DEFAULT_MODEL,
     UsageError,
     add_fisher_kinds,
+    add_out,
     add_problem_options,
+    apply_threads,
     check_kinds,
     check_layers,
+    config_of,
     csv_list,
-    parse_device,
+    non_negative_int,
     positive_float,
     positive_int,
-    problem,
-    save_run,
+    require_data,
 )
-from mbf_analysis.layout import model_layouts
-from mbf_analysis.plotting import plot_heatmap_grid, save_figure
+from mbf_analysis.cli.pretraining import add_pretraining, pretrain
+from mbf_analysis.cli.run_folder import RunFolder
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from mbf_analysis.analysis import InverseHeatmaps, ParameterSubset
+
+CSV_NAME = "heatmap_mass.csv"
+MATRICES_NAME = "heatmap_matrices.pt"
+OUTPUTS = (
+    CSV_NAME,
+    MATRICES_NAME,
+    *(f"heatmap_{kind}.{ext}" for kind in FISHER_KINDS for ext in ("png", "pdf")),
+)
+"""Every file ``heatmap`` may write into ``--out``."""
+
+KIND_TITLES = {
+    "empirical": "empirical Fisher (EFM)",
+    "exact": "true Fisher (computed exactly)",
+    "mc": "true Fisher (Monte-Carlo)",
+}
+"""How titles and tables name each Fisher kind (``exact`` is the true Fisher, not an exact EFM)."""
 
 DEFAULT_EPOCHS = {"digits": 30, "mnist16": 50, "mnist": 2, "fashion-mnist": 2}
 """Pretraining epochs by data set (1 for others); mnist16: the paper's 50."""
@@ -91,43 +109,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=1e-3,
         help="λ in (F + λI)⁻¹ (default: 1e-3, as in `fisher`; the paper does not give its value)",
     )
-    heatmap.add_argument(
-        "--epochs",
-        type=int,
-        default=None,
-        help="SGD-m pretraining epochs (default: 30 for digits, 50 for mnist16 as in the paper, "
-        "2 for (fashion-)mnist; 0: the seeded initialization)",
-    )
-    heatmap.add_argument(
-        "--lr", type=positive_float, default=0.01, help="pretraining learning rate (0.01)"
-    )
-    heatmap.add_argument(
-        "--train-batch-size", type=positive_int, default=128, help="pretraining minibatch (128)"
-    )
-    heatmap.add_argument(
-        "--train-dtype",
-        default="float32",
-        choices=["float32", "float64"],
-        help="precision of pretraining (default: float32)",
-    )
-    heatmap.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help="checkpoint cache (default: $MBF_CACHE_DIR/checkpoints, else "
-        "~/.cache/mbf_analysis/checkpoints)",
+    add_pretraining(
+        heatmap,
+        epochs_type=non_negative_int,
+        default_epochs="30 for digits, 50 for mnist16 as in the paper, 2 for (fashion-)mnist",
     )
     heatmap.add_argument(
         "--save-matrices",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="write the inverses to heatmap_matrices.pt in --out (default: yes)",
+        help=f"write the inverses to {MATRICES_NAME} in --out (default: yes)",
     )
+    add_out(heatmap, resumable=False, default="default: print only")
     heatmap.set_defaults(run=run)
 
 
 def _heatmap_subsets(args: argparse.Namespace, model: nn.Module) -> list[ParameterSubset]:
     """Whole layers (``--layers`` or all up to ``--max-dim``) and ``--channels`` subsets."""
+    from mbf_analysis.analysis import ParameterSubset
+    from mbf_analysis.layout import model_layouts
+
     layouts = model_layouts(model)
     if args.layers is None:
         names = [name for name, layout in layouts.items() if layout.dim <= args.max_dim]
@@ -163,8 +164,14 @@ def _heatmap_subsets(args: argparse.Namespace, model: nn.Module) -> list[Paramet
     return subsets
 
 
-def _save_heatmaps(out: Path, result: InverseHeatmaps, save_matrices: bool) -> list[Path]:
+def _save_heatmaps(
+    folder: RunFolder, result: InverseHeatmaps, save_matrices: bool, setting: str
+) -> list[Path]:
     """One figure per kind (all subsets side by side) and, optionally, the matrices."""
+    import torch
+
+    from mbf_analysis.plotting import plot_heatmap_grid, save_figure
+
     written: list[Path] = []
     sizes = {label: subset.block_sizes for label, subset in result.subsets.items()}
     summary = result.summary.set_index(["kind", "subset"])
@@ -173,15 +180,17 @@ def _save_heatmaps(out: Path, result: InverseHeatmaps, save_matrices: bool) -> l
         for label, matrix in matrices.items():
             row = summary.loc[(kind, label)]
             title = f"{label}\nmass {row.miniblock_mass:.2f} (area {row.miniblock_area:.3f})"
+            if row.damping_dominated:
+                title += "\nλ dominates: max eig(F) ≤ λ"
             titled[title] = matrix
         fig = plot_heatmap_grid(
             titled,
             dict(zip(titled, (sizes[label] for label in matrices), strict=True)),
-            suptitle=f"|(F + λI)⁻¹|, {kind} Fisher",
+            suptitle=f"|(F + λI)⁻¹| of the {KIND_TITLES[kind]}; {setting}",
         )
-        written.extend(save_figure(fig, out / f"heatmap_{kind}"))
+        written.extend(save_figure(fig, folder.path / f"heatmap_{kind}"))
     if save_matrices:
-        path = out / "heatmap_matrices.pt"
+        path = folder.path / MATRICES_NAME
         torch.save(
             {
                 "matrices": {
@@ -200,29 +209,30 @@ def _save_heatmaps(out: Path, result: InverseHeatmaps, save_matrices: bool) -> l
 
 def run(args: argparse.Namespace) -> None:
     check_kinds(args.kinds)
-    if args.epochs is not None and args.epochs < 0:
-        raise UsageError(f"--epochs {args.epochs}: must be 0 or more")
+    folder = None
+    if args.out is not None:
+        folder = RunFolder(args.out, "heatmap", OUTPUTS, resumable=False)
+        folder.claim(overwrite=args.overwrite)
+    data_folder = require_data(args.dataset, args.data_dir, args.download)
+
+    import pandas as pd
+    import torch
+
+    from mbf_analysis.analysis import inverse_fisher_heatmaps
+    from mbf_analysis.cli.common import batch_of, dataset_and_model
+
+    apply_threads(args.threads)
     start = time.perf_counter()
-    dataset, model, loss_fn, inputs, targets = problem(args)
-    model_name = args.model or DEFAULT_MODEL[dataset.name]
+    dataset, model_name, model = dataset_and_model(args)
     subsets = _heatmap_subsets(args, model)
     loaded = time.perf_counter()
-    config = TrainConfig(
-        model=model_name,
-        dataset=dataset.name,
-        epochs=DEFAULT_EPOCHS.get(dataset.name, 1) if args.epochs is None else args.epochs,
-        lr=args.lr,
-        batch_size=args.train_batch_size,
-        seed=args.seed,
-        dtype=args.train_dtype,
-    )
-    target = parse_device(args.device)
-    model = pretrained_model(config, dataset=dataset, cache_dir=args.cache_dir, device=target)
-    model = model.to(dtype=getattr(torch, args.dtype)).eval()
-    trained = time.perf_counter()
+    epochs = DEFAULT_EPOCHS.get(dataset.name, 1) if args.epochs is None else args.epochs
+    model, trained = pretrain(args, dataset, model_name, model, epochs=epochs)
+    inputs, targets = batch_of(dataset, args.batch_size, args.seed)
+    pretrained = time.perf_counter()
     result = inverse_fisher_heatmaps(
         model,
-        loss_fn,
+        torch.nn.CrossEntropyLoss(),
         inputs,
         targets,
         subsets,
@@ -234,28 +244,48 @@ def run(args: argparse.Namespace) -> None:
     )
     done = time.perf_counter()
     frame = result.summary
+    setting = f"{model_name} on {dataset.name}, {len(inputs)} samples, λ = {args.damping:g}"
     print(
-        f"Inverse Fisher of {model_name} after {config.epochs} epochs of SGD-m "
-        f"(checkpoint {checkpoint_path(config, args.cache_dir).name}) on {len(inputs)} "
-        f"{dataset.name} samples (λ = {args.damping:g}, {args.dtype}):"
+        f"Inverse Fisher of {model_name} ({trained}) on {len(inputs)} {dataset.name} samples "
+        f"(λ = {args.damping:g}, {args.dtype}):"
     )
     shown = frame[["subset", "kind", "dim", "blocks"]].assign(
+        kind=frame.kind.map(KIND_TITLES),
         mean_eig=(frame.trace / frame.dim).map("{:.3g}".format),
+        max_eig=frame.eig_max.map("{:.3g}".format),
         mass_vs_area=frame.miniblock_mass.map("{:.3f}".format)
         + " / "
-        + frame.miniblock_area.map("{:.3f}".format),
+        + frame.miniblock_area.map("{:.3f}".format)
+        + frame.damping_dominated.map({True: " (λ dominates)", False: ""}),
     )
     with pd.option_context("display.width", 160, "display.max_colwidth", 40):
         print(shown.to_string(index=False))
-    if args.out is None:
+    dominated = frame[frame.damping_dominated]
+    if len(dominated):
+        names = ", ".join(sorted(set(dominated.subset)))
+        print(
+            f"warning: λ = {args.damping:g} dominates the spectrum of {names} (every eigenvalue "
+            "of F is at most λ, e.g. a dead channel): there (F + λI)⁻¹ ≈ I/λ, so its mini-block "
+            "mass says nothing about F; lower --damping or leave these subsets out"
+        )
+    if folder is None:
         return
-    written = _save_heatmaps(args.out, result, args.save_matrices)
+    written = _save_heatmaps(folder, result, args.save_matrices, setting)
+    frame.to_csv(folder.path / CSV_NAME, index=False)
+    folder.add_files(CSV_NAME, *written)
     plotted = time.perf_counter()
-    print(f"wrote {', '.join(str(p) for p in written)}")
-    timings = {
-        "load": loaded - start,
-        "pretrain": trained - loaded,
-        "fisher": done - trained,
-        "plot": plotted - done,
-    }
-    save_run(args.out, "heatmap_mass", frame, args, timings)
+    print(f"wrote {folder.path / CSV_NAME}, {', '.join(str(p) for p in written)}")
+    folder.write_record(
+        {
+            "status": "complete",
+            "settings": {**config_of(args), "model": model_name, "epochs": epochs},
+            "network": trained,
+            "data_folder": None if data_folder is None else str(data_folder),
+            "timings_s": {
+                "load": loaded - start,
+                "pretrain": pretrained - loaded,
+                "fisher": done - pretrained,
+                "plot": plotted - done,
+            },
+        }
+    )

@@ -1,37 +1,78 @@
-"""``mbf-analyze train``: train a problem with one optimizer, compare several on equal budgets,
-or grid-search one (paper §6, Fig. 7/8, Tables 4-8)."""
+"""``mbf-analyze train``: train a problem with one optimizer, compare several (and several seeds)
+on equal budgets, or grid-search one (paper §6, Fig. 7/8, Tables 4-8); resumable.
+
+Files in ``--out``: ``train_log.csv`` (every run appends its rows as they come, column ``run``),
+``checkpoints/<run>.pt`` (everything a run needs to continue, :mod:`mbf_analysis.training`),
+``train_summary.csv`` (one row per run), ``train_seeds.csv`` (mean and spread over the seeds,
+with several seeds), ``grid_search.csv`` (with ``--grid``), ``train_curves.png``/``.pdf`` and
+``run.json``.
+
+``--resume --out DIR`` needs nothing else: it continues every run of the folder with the saved
+settings. Finished runs are kept as they are, the interrupted one continues from its last
+checkpoint (its rows after that checkpoint are dropped, so every step appears once), and runs
+not started yet start. A larger ``--epochs``, ``--max-steps`` or ``--time-budget`` extends
+finished runs; other changed settings are refused, naming them. Ctrl-C saves a checkpoint after
+the step in progress, prints the resume command and exits with 130.
+"""
 
 from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
+from typing import Any
 
-import pandas as pd
-import torch
-
+from mbf_analysis.cli.choices import OPTIMIZERS, PROBLEM_DATA, PROBLEMS
 from mbf_analysis.cli.common import (
     UsageError,
     add_data_dir,
+    add_download,
+    add_out,
+    add_threads,
+    apply_threads,
+    config_of,
     csv_list,
-    parse_device,
+    non_negative_float,
     positive_float,
     positive_int,
-    save_run,
+    require_data,
 )
-from mbf_analysis.data import load_dataset
-from mbf_analysis.plotting import plot_training_curves, save_figure
-from mbf_analysis.training import (
-    OPTIMIZERS,
-    compare,
-    get_preset,
-    get_problem,
-    grid_search,
-    problem_names,
-    summarize,
-)
+from mbf_analysis.cli.run_folder import RunFolder
 
 LOG_NAME = "train_log.csv"
+SUMMARY_NAME = "train_summary.csv"
+SEEDS_NAME = "train_seeds.csv"
+GRID_NAME = "grid_search.csv"
+CHECKPOINTS = "checkpoints"
+FIGURE_NAME = "train_curves"
+OUTPUTS = (
+    LOG_NAME,
+    SUMMARY_NAME,
+    SEEDS_NAME,
+    GRID_NAME,
+    CHECKPOINTS,
+    f"{FIGURE_NAME}.png",
+    f"{FIGURE_NAME}.pdf",
+)
+"""Every file (and folder) ``train`` writes into ``--out`` (besides ``run.json``)."""
+
+TRAJECTORY = (
+    "problem",
+    "optimizer",
+    "seed",
+    "lr",
+    "damping",
+    "weight_decay",
+    "dtype",
+    "eval_samples",
+    "grid",
+    "grid_lr",
+    "grid_damping",
+    "grid_weight_decay",
+)
+"""Settings a ``--resume`` keeps from the saved run; giving another value is refused."""
+
+EXTENDABLE = ("time_budget", "epochs", "max_steps", "budget_clock")
+"""Settings a ``--resume`` may change (limits reaching further extend finished runs)."""
 
 
 def _optimizer_list(text: str) -> list[str]:
@@ -45,11 +86,16 @@ def _optimizer_list(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(item) for item in csv_list(text)]
+    except ValueError:
+        seeds = []
+    if not seeds or any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(
+            f"give seeds ≥ 0, comma-separated (e.g. 0,1,2), got {text!r}"
+        )
+    return list(dict.fromkeys(seeds))
 
 
 def _float_list(check):
@@ -72,23 +118,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="train a problem with MBF or a baseline; compare optimizers on equal budgets",
         description="Train one of the paper's problems with the paper's best hyper-parameters "
         "(presets from Tables 4 and 8; mlp-digits and fashion-cnn are ours). Several optimizers "
-        "(--optimizer mbf,adam,sgdm) run one after another with the same seed and the same "
-        "limits. The run ends at the first of --time-budget (seconds of training, evaluations "
-        "excluded), --epochs and --max-steps; give at least one. With --out: train_log.csv "
-        "(appended step by step), train_summary.csv, run.json and train_curves.png/.pdf. "
-        "--grid runs the paper's grid search (Tables 5/7) instead, writing grid_search.csv; "
-        "--grid-lr/--grid-damping/--grid-weight-decay give the axes explicitly (comma-separated; "
-        "an axis not given: --lr/--damping/--weight-decay, else the preset when another axis is "
-        "given, else the paper's grid).",
+        "(--optimizer mbf,adam,sgdm) and seeds (--seed 0,1,2) run one after another with the "
+        "same limits. A run ends at the first of --time-budget (seconds of training on "
+        "--budget-clock; evaluations and MBF's warm start excluded), --epochs and --max-steps; "
+        "give at least one. With --out: train_log.csv (appended step by step), checkpoints/, "
+        "train_summary.csv, run.json and train_curves.png/.pdf; --resume --out DIR continues "
+        "an interrupted run. --grid runs the paper's grid search (Tables 5/7) instead, writing "
+        "grid_search.csv; --grid-lr/--grid-damping/--grid-weight-decay give the axes "
+        "explicitly (comma-separated; an axis not given: --lr/--damping/--weight-decay, else "
+        "the preset when another axis is given, else the paper's grid).",
     )
-    train.add_argument("--problem", required=True, choices=problem_names(), help="the problem")
+    train.add_argument(
+        "--problem", default=None, choices=PROBLEMS, help="the problem (required unless --resume)"
+    )
     train.add_argument(
         "--optimizer",
         type=_optimizer_list,
-        default=["mbf"],
+        default=None,
         help=f"optimizer(s), comma-separated, from {', '.join(OPTIMIZERS)} (default: mbf)",
     )
     train.add_argument("--time-budget", type=positive_float, default=None, help="seconds per run")
+    train.add_argument(
+        "--budget-clock",
+        choices=["wall", "process"],
+        default=None,
+        help="what --time-budget counts: wall-clock seconds, or process (CPU) seconds as the "
+        "paper timed them, fairer on a shared machine (default: wall)",
+    )
     train.add_argument("--epochs", type=positive_int, default=None, help="epochs per run")
     train.add_argument("--max-steps", type=positive_int, default=None, help="steps per run")
     train.add_argument(
@@ -102,28 +158,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     train.add_argument(
         "--weight-decay",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=None,
         help="decoupled weight decay γ (default: the preset)",
     )
-    train.add_argument("--seed", type=int, default=0, help="seed of weights and batches (0)")
-    train.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     train.add_argument(
-        "--dtype", default="float32", choices=["float32", "float64"], help="precision (float32)"
+        "--seed",
+        type=_seed_list,
+        default=None,
+        help="seed(s) of weights and batches, comma-separated: each optimizer runs once per "
+        "seed (default: 0)",
+    )
+    train.add_argument("--device", default=None, help="torch device (default: cpu)")
+    train.add_argument(
+        "--dtype", default=None, choices=["float32", "float64"], help="precision (float32)"
     )
     add_data_dir(train)
+    add_download(train)
     train.add_argument(
         "--eval-samples",
         type=positive_int,
         default=None,
         help="evaluate on this many training and test samples (default: all)",
     )
-    train.add_argument(
-        "--threads",
-        type=positive_int,
-        default=None,
-        help="torch intra-op threads (default: torch's)",
-    )
+    add_threads(train)
     train.add_argument("--grid", action="store_true", help="grid search instead of one run each")
     train.add_argument(
         "--grid-lr",
@@ -139,124 +197,296 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     train.add_argument(
         "--grid-weight-decay",
-        type=_float_list(_non_negative_float),
+        type=_float_list(non_negative_float),
         default=None,
         help="weight decays of the grid, comma-separated (implies --grid)",
     )
     train.add_argument(
+        "--checkpoint-every",
+        type=positive_int,
+        default=None,
+        help="steps between checkpoints (default: after the first step a minute after the "
+        "last save); checkpoints also at Ctrl-C and at the end of every run",
+    )
+    train.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars"
     )
-    train.add_argument("--out", type=Path, default=None, help="folder for the logs and figures")
+    add_out(train, resumable=True, default="default: print only, no checkpoints")
     train.set_defaults(run=run)
 
 
-def _axis(values: list[float] | None, single: float | None) -> list[float] | None:
-    """A grid axis: the explicit list, else the single value, else ``None`` (preset/paper)."""
-    if values is not None:
-        return values
-    return None if single is None else [single]
+_DEFAULTS: dict[str, Any] = {
+    "optimizer": ["mbf"],
+    "seed": [0],
+    "device": "cpu",
+    "dtype": "float32",
+    "budget_clock": "wall",
+}
 
 
-def _check(args: argparse.Namespace) -> None:
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's settings from the options (defaults filled in), checked for consistency."""
+    settings = {
+        key: getattr(args, key)
+        for key in (*TRAJECTORY, *EXTENDABLE, "device")
+        if getattr(args, key) is not None
+    }
+    for key, value in _DEFAULTS.items():
+        settings.setdefault(key, value)
     explicit = (args.grid_lr, args.grid_damping, args.grid_weight_decay)
-    args.grid = args.grid or any(v is not None for v in explicit)
-    if args.time_budget is None and args.epochs is None and args.max_steps is None:
-        raise UsageError("give --time-budget SECONDS and/or --epochs N (or --max-steps N)")
-    if (args.damping is not None or args.grid_damping is not None) and "sgdm" in args.optimizer:
-        raise UsageError("--damping does not apply to sgdm; leave sgdm out or drop --damping")
-    if args.out is not None and (args.out / LOG_NAME).exists():
-        raise UsageError(
-            f"{args.out / LOG_NAME} already exists; remove it or choose another --out "
-            "(runs append to it)"
+    settings["grid"] = bool(args.grid or any(v is not None for v in explicit))
+    return settings
+
+
+def _resumed_settings(record: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    saved = dict(record.get("settings", {}))
+    given = {
+        k: getattr(args, k) for k in TRAJECTORY if k != "grid" and getattr(args, k) is not None
+    }
+    if args.grid:
+        given["grid"] = True
+    clash = {k: v for k, v in given.items() if saved.get(k) != v}
+    if clash:
+        shown = ", ".join(
+            f"--{k.replace('_', '-')} {v!r} (saved {saved.get(k)!r})" for k, v in clash.items()
         )
-    for optimizer in args.optimizer:
-        get_preset(args.problem, optimizer, lr=args.lr, weight_decay=args.weight_decay)
+        raise UsageError(
+            f"--resume continues the runs in {args.out} with their saved settings, but {shown} "
+            "would change their trajectory; drop those options or start a new run with another "
+            "--out"
+        )
+    for key in (*EXTENDABLE, "device"):
+        if getattr(args, key) is not None:
+            saved[key] = getattr(args, key)
+    return saved
 
 
-def _print_table(frame: pd.DataFrame) -> None:
+def _check(settings: dict[str, Any]) -> None:
+    if settings.get("problem") is None:
+        raise UsageError("give --problem (or --resume --out DIR to continue a run)")
+    if all(settings.get(k) is None for k in ("time_budget", "epochs", "max_steps")):
+        raise UsageError("give --time-budget SECONDS and/or --epochs N (or --max-steps N)")
+    damping = settings.get("damping") is not None or settings.get("grid_damping") is not None
+    if damping and "sgdm" in settings["optimizer"]:
+        raise UsageError("--damping does not apply to sgdm; leave sgdm out or drop --damping")
+    if settings["grid"] and len(settings["seed"]) > 1:
+        raise UsageError("--grid runs one seed; give a single --seed")
+
+
+def _print_table(frame) -> None:
+    import pandas as pd
+
     with pd.option_context("display.width", 160, "display.float_format", "{:.4g}".format):
         print(frame.to_string(index=False))
 
 
+def _divergence_notes(summary, settings: dict[str, Any]) -> None:
+    """Say why the published MBF presets of the autoencoders diverge, when they do."""
+    from mbf_analysis.training import get_preset
+
+    diverged = summary[(summary.status == "diverged") & (summary.optimizer == "mbf")]
+    if diverged.empty:
+        return
+    preset = get_preset(
+        settings["problem"], "mbf", lr=settings.get("lr"), damping=settings.get("damping")
+    )
+    if preset.source != "Table 4":
+        return
+    print(
+        f"note: MBF diverged with the paper's published {settings['problem']} preset (Table 4: "
+        f"lr {preset.lr:g}, λ {preset.damping:g}). At initialization the mini-block statistics "
+        f"‖g_b‖² are far below λ, so MBF acts as SGD-m with learning rate lr/λ = "
+        f"{preset.lr / preset.damping:.3g}, which is too large here (the stable settings of our "
+        "grid have lr/λ ≤ 3.3e-3; the best was lr 3e-5, λ 1e-2, see "
+        "benchmarks/results_training.md): pass e.g. --lr 3e-5 --damping 1e-2"
+    )
+
+
 def run(args: argparse.Namespace) -> None:
-    _check(args)
-    device = parse_device(args.device)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    problem = get_problem(args.problem)
+    if args.resume and args.out is None:
+        raise UsageError("--resume needs --out, the folder of the run to continue")
+    folder = None
+    record = None
+    if args.out is not None:
+        folder = RunFolder(args.out, "train", OUTPUTS, resumable=True)
+        record = folder.claim(resume=args.resume, overwrite=args.overwrite)
+    settings = _resumed_settings(record, args) if record is not None else _settings(args)
+    _check(settings)
+    dataset_name = PROBLEM_DATA[settings["problem"]]
+    data_dir = args.data_dir or (record or {}).get("data_folder")
+    data_folder = require_data(dataset_name, data_dir, args.download)
+    data_folder = None if data_folder is None else str(data_folder)
+
+    import torch
+
+    from mbf_analysis.cli.common import parse_device
+    from mbf_analysis.data import load_dataset
+    from mbf_analysis.training import compare, get_preset, get_problem, grid_search, summarize
+
+    apply_threads(args.threads)
+    device = parse_device(settings["device"])
+    problem = get_problem(settings["problem"])
+    for optimizer in settings["optimizer"]:
+        get_preset(
+            problem, optimizer, lr=settings.get("lr"), weight_decay=settings.get("weight_decay")
+        )
     start = time.perf_counter()
-    dataset = load_dataset(problem.dataset, args.data_dir)
+    dataset = load_dataset(problem.dataset, data_folder)
     loaded = time.perf_counter()
-    common = {
-        "time_budget": args.time_budget,
-        "epochs": args.epochs,
-        "max_steps": args.max_steps,
-        "seed": args.seed,
+    common: dict[str, Any] = {
+        "time_budget": settings.get("time_budget"),
+        "epochs": settings.get("epochs"),
+        "max_steps": settings.get("max_steps"),
+        "budget_clock": settings["budget_clock"],
         "device": device,
-        "dtype": getattr(torch, args.dtype),
-        "eval_samples": args.eval_samples,
+        "dtype": getattr(torch, settings["dtype"]),
+        "eval_samples": settings.get("eval_samples"),
         "progress": args.progress,
         "dataset": dataset,
     }
-    if args.grid:
-        frames = []
-        for optimizer in args.optimizer:
-            frame = grid_search(
-                problem,
-                optimizer,
-                lrs=_axis(args.grid_lr, args.lr),
-                dampings=_axis(args.grid_damping, args.damping),
-                weight_decays=_axis(args.grid_weight_decay, args.weight_decay),
-                **common,
+    if folder is not None:
+        common.update(
+            csv_path=folder.path / LOG_NAME,
+            checkpoint_dir=folder.path / CHECKPOINTS,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+        )
+        folder.add_files(LOG_NAME, CHECKPOINTS)
+    timings: dict[str, float] = {"load": loaded - start}
+
+    def write(status: str, **extra: Any) -> None:
+        if folder is not None:
+            folder.write_record(
+                {
+                    "status": status,
+                    "settings": settings,
+                    "data_folder": data_folder,
+                    "options": {
+                        "threads": args.threads,
+                        "checkpoint_every": args.checkpoint_every,
+                        "progress": args.progress,
+                        "parsed": config_of(args),
+                    },
+                    "timings_s": timings,
+                    **extra,
+                }
             )
-            frames.append(frame)
-            if not frame.best.any():
-                print(f"{optimizer}: every grid point diverged")
-                continue
-            best = frame[frame.best].iloc[0]
-            criterion = "final training loss" if problem.is_autoencoder else "final test accuracy"
-            print(
-                f"{optimizer}: best lr {best.lr:g}, damping {best.damping}, weight decay "
-                f"{best.weight_decay:g} ({criterion} {best.score:.4g})"
+
+    write("running")
+    summary = None
+    try:
+        if settings["grid"]:
+            _grid(problem, settings, common, folder, grid_search, timings, loaded)
+        else:
+            summary = _compare(
+                problem, settings, common, folder, compare, summarize, timings, loaded
             )
-        grid = pd.concat(frames, ignore_index=True)
-        _print_table(
-            grid[["optimizer", "lr", "damping", "weight_decay", "status", "score", "best"]]
+    except KeyboardInterrupt:
+        timings["train"] = time.perf_counter() - loaded
+        write("interrupted")
+        where = (
+            ""
+            if folder is None
+            else f"; continue with: mbf-analyze train --resume --out {folder.path}"
         )
-        save_run(
-            args.out,
-            "grid_search",
-            grid,
-            args,
-            {"load": loaded - start, "grid": time.perf_counter() - loaded},
-        )
-        return
-    csv_path = None if args.out is None else args.out / LOG_NAME
-    log = compare(
-        problem,
-        args.optimizer,
-        lr=args.lr,
-        damping=args.damping,
-        weight_decay=args.weight_decay,
-        csv_path=csv_path,
-        **common,
-    )
-    trained = time.perf_counter()
-    summary = summarize(log)
-    print(f"{problem.name}, seed {args.seed}:")
-    _print_table(summary.drop(columns=["problem", "seed"]))
-    if args.out is not None:
-        fig = plot_training_curves(
-            log,
-            ("wall_time", "epoch"),
-            y="train_loss",
-            title=f"{problem.name}: training loss (seed {args.seed})",
-        )
-        written = save_figure(fig, args.out / "train_curves")
-        print(f"wrote {csv_path}, {', '.join(str(p) for p in written)}")
-        timings = {"load": loaded - start, "train": trained - loaded}
-        save_run(args.out, "train_summary", summary, args, timings)
-    if (summary.status == "diverged").all():
+        print(f"\ninterrupted{where}")
+        raise SystemExit(130) from None
+    except BaseException:
+        timings["train"] = time.perf_counter() - loaded
+        write("failed")
+        raise
+    if summary is not None and (summary.status == "diverged").all():
+        write("diverged")
         raise UsageError(
             f"every run diverged ({', '.join(summary.optimizer)}); lower --lr or raise --damping"
         )
+    write("complete")
+
+
+def _grid(problem, settings, common, folder, grid_search, timings, loaded) -> None:
+    import pandas as pd
+
+    def axis(values, single):
+        if values is not None:
+            return values
+        return None if single is None else [single]
+
+    frames = []
+    for optimizer in settings["optimizer"]:
+        frame = grid_search(
+            problem,
+            optimizer,
+            lrs=axis(settings.get("grid_lr"), settings.get("lr")),
+            dampings=axis(settings.get("grid_damping"), settings.get("damping")),
+            weight_decays=axis(settings.get("grid_weight_decay"), settings.get("weight_decay")),
+            seed=settings["seed"][0],
+            **common,
+        )
+        frames.append(frame)
+        if not frame.best.any():
+            print(f"{optimizer}: no grid point both trained (lowered the loss) and stayed finite")
+            continue
+        best = frame[frame.best].iloc[0]
+        criterion = "final training loss" if problem.is_autoencoder else "final test accuracy"
+        print(
+            f"{optimizer}: best lr {best.lr:g}, damping {best.damping}, weight decay "
+            f"{best.weight_decay:g} ({criterion} {best.score:.4g})"
+        )
+    grid = pd.concat(frames, ignore_index=True)
+    timings["train"] = time.perf_counter() - loaded
+    _print_table(
+        grid[["optimizer", "lr", "damping", "weight_decay", "status", "steps", "score", "best"]]
+    )
+    if folder is not None:
+        grid.to_csv(folder.path / GRID_NAME, index=False)
+        folder.add_files(GRID_NAME)
+        print(f"wrote {folder.path / GRID_NAME}")
+
+
+def _compare(problem, settings, common, folder, compare, summarize, timings, loaded) -> None:
+    from mbf_analysis.plotting import plot_training_curves, save_figure
+    from mbf_analysis.training import summarize_seeds
+
+    log = compare(
+        problem,
+        settings["optimizer"],
+        seeds=settings["seed"],
+        lr=settings.get("lr"),
+        damping=settings.get("damping"),
+        weight_decay=settings.get("weight_decay"),
+        **common,
+    )
+    timings["train"] = time.perf_counter() - loaded
+    summary = summarize(log)
+    seeds = ", ".join(str(s) for s in settings["seed"])
+    print(f"{problem.name}, seed{'s' if len(settings['seed']) > 1 else ''} {seeds}:")
+    shown = summary.drop(columns=["run", "problem", "initial_train_loss"], errors="ignore")
+    if len(settings["seed"]) == 1:
+        shown = shown.drop(columns=["seed"])
+    _print_table(shown)
+    spread = summarize_seeds(summary) if len(settings["seed"]) > 1 else None
+    if spread is not None:
+        print("mean ± std over the seeds:")
+        _print_table(spread.drop(columns=["problem"]))
+    _divergence_notes(summary, settings)
+    if folder is not None:
+        budget = settings.get("time_budget")
+        clock = "process_time" if settings["budget_clock"] == "process" else "wall_time"
+        fig = plot_training_curves(
+            log,
+            (clock, "epoch"),
+            y="loss",
+            title=f"{problem.name}: training loss (minibatch, smoothed), seeds {seeds}"
+            + (f", budget {budget:g} s" if budget else ""),
+        )
+        written = save_figure(fig, folder.path / FIGURE_NAME)
+        summary.to_csv(folder.path / SUMMARY_NAME, index=False)
+        folder.add_files(SUMMARY_NAME, *written)
+        if spread is not None:
+            spread.to_csv(folder.path / SEEDS_NAME, index=False)
+            folder.add_files(SEEDS_NAME)
+        print(
+            f"wrote {folder.path / LOG_NAME}, {folder.path / SUMMARY_NAME}, "
+            f"{', '.join(str(p) for p in written)}"
+        )
+    return summary

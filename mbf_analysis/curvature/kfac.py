@@ -51,8 +51,11 @@ from mbf_analysis.linalg import damped_inverse, split_damping_pi, symmetrize
 
 __all__ = [
     "KronFactors",
+    "KronSamples",
+    "per_sample_inputs",
     "KFAC_MODULES",
     "check_kfac_module",
+    "conv_padding",
     "input_factor",
     "output_factor",
     "to_matrix",
@@ -82,6 +85,37 @@ class KronFactors(NamedTuple):
     G: Tensor
 
 
+class KronSamples(NamedTuple):
+    r"""The per-sample factors of a Linear layer's Fisher block (METHODS.md §6.1).
+
+    .. math::
+
+        F = \frac{1}{m} \sum_{n=1}^{m} (\bar a_n \bar a_n^\top) \otimes \Gamma_n, \qquad
+        \Gamma_n = \sum_{c=1}^{r} \delta_{nc} \delta_{nc}^\top,
+
+    for ``vec(W̄)`` column-stacked, with ``r = 1`` row per sample (real or sampled labels:
+    ``Γ_n = δ_n δ_nᵀ``) or the ``r = C`` rows of the exact Fisher. The per-sample gradient row
+    ``c`` of sample ``n`` is ``δ_nc ā_nᵀ``, i.e. ``δ_nc ⊗ ā_n`` in the layer's METHODS §2 order.
+    ``δ`` is unscaled (``∂ℓ_n/∂s``, METHODS §1), the convention of :func:`output_factor`.
+
+    Attributes:
+        a: ``ā_n``, ``[m, a]``, with the homogeneous ``1`` last when the layer has a bias.
+        delta: ``δ_n``, ``[m, g]``, or ``[m, r, g]`` with ``r`` rows per sample.
+    """
+
+    a: Tensor
+    delta: Tensor
+
+    @property
+    def rows(self) -> Tensor:
+        """``δ`` as ``[m, r, g]`` (``r = 1`` for a ``[m, g]`` ``delta``)."""
+        return self.delta.unsqueeze(1) if self.delta.dim() == 2 else self.delta
+
+    def head(self, count: int) -> KronSamples:
+        """The factors of the first ``count`` samples."""
+        return KronSamples(self.a[:count], self.delta[:count])
+
+
 def check_kfac_module(name: str, module: nn.Module) -> None:
     """Refuse Linear/Conv2d configurations the factors do not cover.
 
@@ -101,24 +135,39 @@ def check_kfac_module(name: str, module: nn.Module) -> None:
             f"KFAC factors of module '{name}' need padding_mode='zeros', got "
             f"{module.padding_mode!r}."
         )
-    _conv_padding(name, module)
+    conv_padding(name, module)
 
 
-def _conv_padding(name: str, module: nn.Conv2d) -> tuple[int, int]:
+def conv_padding(name: str, module: nn.Conv2d, what: str = "KFAC factors") -> tuple[int, int]:
+    """The integer padding ``(p_h, p_w)``, equal on both sides, that ``module.padding`` stands for.
+
+    ``"valid"`` is ``(0, 0)``. ``"same"`` (stride 1) pads ``t = d·(k − 1)`` in total along a
+    dimension with kernel size ``k`` and dilation ``d``, ``⌊t/2⌋`` before and ``t − ⌊t/2⌋`` after;
+    that is ``p = t/2`` on both sides when ``t`` is even.
+
+    Args:
+        name: The module's name, for the error message.
+        module: The layer.
+        what: The quantity that needs the padding, for the error message.
+
+    Raises:
+        UnsupportedModuleError: For ``"same"`` with an odd ``t``, which pads one row or column
+            more after than before; the message gives the equivalent ``nn.ZeroPad2d``.
+    """
     if not isinstance(module.padding, str):
         return module.padding
     if module.padding == "valid":
         return (0, 0)
-    pads = []
-    for k, d in zip(module.kernel_size, module.dilation, strict=True):
-        total = d * (k - 1)
-        if total % 2:
-            raise UnsupportedModuleError(
-                f"KFAC factors of module '{name}': padding='same' is asymmetric for kernel "
-                f"{module.kernel_size} and dilation {module.dilation}; unfold cannot express it."
-            )
-        pads.append(total // 2)
-    return (pads[0], pads[1])
+    t_h, t_w = (d * (k - 1) for k, d in zip(module.kernel_size, module.dilation, strict=True))
+    if t_h % 2 or t_w % 2:
+        pad = (t_w // 2, t_w - t_w // 2, t_h // 2, t_h - t_h // 2)
+        raise UnsupportedModuleError(
+            f"{what} of module '{name}': padding='same' is asymmetric for kernel "
+            f"{module.kernel_size} and dilation {module.dilation} (dilation·(k − 1) is odd), "
+            f"which no integer padding expresses. Use nn.ZeroPad2d({pad}) before the layer and "
+            "padding=0: the same padding PyTorch applies."
+        )
+    return (t_h // 2, t_w // 2)
 
 
 def _input_columns(module: nn.Module, x: Tensor) -> Tensor:
@@ -132,7 +181,7 @@ def _input_columns(module: nn.Module, x: Tensor) -> Tensor:
     if not isinstance(module, nn.Conv2d):
         return x.reshape(-1, x.shape[-1]).T
     (k_h, k_w), (s_h, s_w), (d_h, d_w) = module.kernel_size, module.stride, module.dilation
-    p_h, p_w = _conv_padding("", module)
+    p_h, p_w = conv_padding("", module)
     padded = nn.functional.pad(x, (p_w, p_w, p_h, p_h)).transpose(0, 1)
     o_h = (padded.shape[2] - d_h * (k_h - 1) - 1) // s_h + 1
     o_w = (padded.shape[3] - d_w * (k_w - 1) - 1) // s_w + 1
@@ -164,6 +213,34 @@ def input_factor(module: nn.Module, x: Tensor) -> Tensor:
     top = torch.cat([gram, total.unsqueeze(1)], dim=1)
     bottom = torch.cat([total.unsqueeze(0), count], dim=1)
     return torch.cat([top, bottom], dim=0) / m
+
+
+def per_sample_inputs(name: str, module: nn.Linear, x: Tensor) -> Tensor:
+    """The homogeneous per-sample inputs ``ā_n = [a_n; 1]`` of a Linear layer.
+
+    Args:
+        name: The layer's name, for the error message.
+        module: The Linear layer.
+        x: Its input, ``[m, n_in]``.
+
+    Returns:
+        ``[m, a]`` (detached; ``a = n_in + 1``, or ``n_in`` without bias).
+
+    Raises:
+        UnsupportedModuleError: For an input that is not ``[m, n_in]`` (a Linear layer applied
+            to ``[m, *, n_in]`` has no per-sample Kronecker structure ``ā_n ⊗ δ_n``).
+    """
+    if x.dim() != 2:
+        raise UnsupportedModuleError(
+            f"per-sample Kronecker factors of module '{name}' (Linear) need inputs of shape "
+            f"[m, n_in], got {tuple(x.shape)}; a Linear layer applied along extra dimensions "
+            "sums T Kronecker products per sample. Flatten the extra dimensions into the batch "
+            "or use KFAC."
+        )
+    x = x.detach()
+    if module.bias is None:
+        return x
+    return torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
 
 
 def output_factor(module: nn.Module, grad_output: Tensor) -> Tensor:

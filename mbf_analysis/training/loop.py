@@ -1,4 +1,5 @@
-r"""One training run: an optimizer on a problem, under a time budget and/or an epoch limit.
+r"""One training run: an optimizer on a problem, under a time budget and/or an epoch limit,
+resumable from its checkpoints.
 
 The run (:func:`train`):
 
@@ -6,37 +7,60 @@ The run (:func:`train`):
    weights), and draws every minibatch order (a fresh permutation of the training split per
    epoch, the last smaller batch kept) and augmentation from one ``torch.Generator`` seeded with
    ``seed``, and the sampled labels of a true-Fisher KFAC from a second one (on the training
-   device, also seeded with ``seed``, so the batch order does not depend on the optimizer): two
-   runs with the same seed on the same device take the same steps;
+   device, also seeded with ``seed``): two runs with the same seed on the same device take the
+   same steps, and every optimizer of a comparison sees the same batches;
 2. builds the optimizer from the preset (:func:`make_optimizer`), with the LR schedule
    ``α_e = α · 0.1^⌊e/K⌋`` set at the start of every epoch ``e``;
-3. runs MBF's warm start if the preset asks for one (inside the clock);
-4. takes steps ``zero_grad → forward → L = (1/m) Σ_n ℓ_n → backward → step`` until the budget,
-   the epoch limit or ``max_steps`` is reached (checked after every step, so a run overshoots
-   its budget by at most one step). A KFAC with ``true_fisher=True`` (the presets': the paper's
-   KFAC) also runs, on its statistics steps, :meth:`~mbf_analysis.optim.KFAC.sampled_backward`
-   between the backward pass and the step: one extra backward pass of
-   ``L̂ = (1/m) Σ_n ℓ(f_n, ŷ_n)``, ``ŷ_n ~ p(· | f_n)`` (:meth:`Problem.likelihood_loss
-   <mbf_analysis.training.problems.Problem.likelihood_loss>`), which feeds ``G``; the
-   momentum still follows the gradient on the real targets. It is part of the step's time;
+3. runs MBF's warm start if the preset asks for one, **outside the training clock** (its time
+   is logged in a ``"warm_start"`` row) and on batches drawn from a third generator of its own
+   (seeded from ``seed``), so that MBF's training batches are those of every other optimizer;
+4. takes steps ``zero_grad → forward → L = (1/m) Σ_n ℓ_n → backward → step``. A KFAC with
+   ``true_fisher=True`` (the presets': the paper's KFAC) also runs, on its statistics steps,
+   :meth:`~mbf_analysis.optim.KFAC.sampled_backward` between the backward pass and the step:
+   one extra backward pass of ``L̂ = (1/m) Σ_n ℓ(f_n, ŷ_n)``, ``ŷ_n ~ p(· | f_n)``
+   (:meth:`Problem.likelihood_loss <mbf_analysis.training.problems.Problem.likelihood_loss>`),
+   which feeds ``G``; the momentum still follows the gradient on the real targets. It is part of
+   the step's time;
 5. evaluates at step 0, after every epoch and at the end (``model.eval()``, no gradients).
 
-**Clock.** ``wall_time`` (``time.perf_counter``) and ``process_time`` (``time.process_time``,
-CPU seconds of all threads) count training only: optimizer construction, warm start and steps,
-not the evaluations. The budget is on ``wall_time``.
+**Limits.** The run ends at the first of ``epochs``, ``max_steps`` and ``time_budget`` seconds of
+training on ``budget_clock`` (``"wall"``: ``time.perf_counter``; ``"process"``: CPU seconds of
+all threads, ``time.process_time``, as the paper timed its runs; on a shared machine wall time
+punishes whichever run is unlucky). The budget is respected: before each step the run predicts
+the step's duration (the last step of the same phase of the optimizer's inverse period, e.g.
+the last step that refreshed the inverses, else the last step) and stops when it would end past
+the budget; the first step is always taken. Both clocks count the training steps only: not the evaluations, not the warm start
+and not the construction of the optimizer.
 
 **Log** (a tidy frame, :data:`LOG_COLUMNS`), one row per
 
 - ``kind="step"``: ``step`` (1, 2, …), ``epoch`` (samples seen / training-set size, fractional),
-  ``wall_time``, ``process_time``, ``lr``, ``loss`` (the minibatch loss *before* the step);
+  ``wall_time``, ``process_time`` (training time so far), ``lr``, ``loss`` (the minibatch loss
+  *before* the step);
+- ``kind="warm_start"``: ``wall_time``/``process_time`` are the warm start's own durations;
 - ``kind="eval"``: ``train_loss`` (and ``train_accuracy`` for classifiers) on the training split
   or its first ``eval_samples`` samples of a fixed (seed-0) permutation, the same for every run,
   and ``test_loss``/``test_accuracy`` on the test split (or its first ``eval_samples``);
 - ``kind="end"``: the last row of a run, ``status`` ∈ {``"time_budget"``, ``"epochs"``,
   ``"max_steps"``, ``"diverged"``, ``"interrupted"``}.
 
-With ``csv_path`` every row is appended to the CSV file as soon as it exists (header once,
-flushed), so an interrupted or crashed run leaves a valid CSV of everything so far.
+Every row carries ``run``, the run's name (:func:`run_name`: optimizer, hyper-parameters and
+seed). With ``csv_path`` every row is appended to the CSV file as soon as it exists (header
+once, flushed), so an interrupted or crashed run leaves a valid CSV of everything so far.
+
+**Checkpoints and resume** (:mod:`mbf_analysis.training.checkpoint`). With ``checkpoint_dir``
+the run saves everything it needs to continue identically (model, optimizer state, position in
+the data order, every generator, the clocks, the log position) after the warm start, every
+``checkpoint_every`` steps or (by default) after the first step that ends
+``checkpoint_interval`` seconds after the last save, when Ctrl-C stops it, and at its end. A
+SIGKILL therefore loses at most the steps since the last checkpoint. Ctrl-C (SIGINT) stops the
+run after the step in progress (a second Ctrl-C stops at once, without saving). With
+``resume=True`` a run continues from its last good checkpoint: its rows of the CSV after the
+checkpoint are dropped, so every step appears exactly once, and its time budget counts the time
+already spent; a finished run is returned as it is, unless the limits now reach further (a
+larger ``epochs``, ``max_steps`` or ``time_budget``), in which case it continues. Changed
+settings that alter the trajectory are refused, naming them. On CPU with one thread a resumed
+run repeats the uninterrupted one bit for bit.
 
 **Divergence.** A NaN/Inf minibatch loss, or a NaN/Inf gradient refused by a curvature optimizer,
 ends the run with an ``"end"`` row of status ``"diverged"`` and raises :class:`TrainingDiverged`
@@ -45,12 +69,16 @@ ends the run with an ``"end"`` row of status ``"diverged"`` and raises :class:`T
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 import torch
@@ -62,19 +90,26 @@ from mbf_analysis.data import Dataset, load_dataset
 from mbf_analysis.errors import NonFiniteError
 from mbf_analysis.models import build_model
 from mbf_analysis.optim import KFAC, MBF, Shampoo
-from mbf_analysis.training.log import LOG_COLUMNS, CsvLog
+from mbf_analysis.training.checkpoint import load_checkpoint, save_checkpoint
+from mbf_analysis.training.log import LOG_COLUMNS, CsvLog, keep_rows, read_log
 from mbf_analysis.training.presets import Preset, get_preset, lr_at_epoch
 from mbf_analysis.training.problems import Problem, augment_batch, get_problem
 
 __all__ = [
+    "BUDGET_CLOCKS",
     "TrainingDiverged",
     "make_optimizer",
+    "run_name",
     "train",
 ]
 
 logger = logging.getLogger(__name__)
 
 _EVAL_CHUNK = 1000
+
+BudgetClock = Literal["wall", "process"]
+BUDGET_CLOCKS: tuple[str, ...] = ("wall", "process")
+"""What ``time_budget`` counts: wall-clock or process (CPU) seconds of training."""
 
 
 class TrainingDiverged(NonFiniteError):
@@ -139,6 +174,19 @@ def make_optimizer(name: str, model: nn.Module, preset: Preset) -> Optimizer:
     raise ValueError(f"unknown optimizer {name!r}; choose one of mbf, adam, sgdm, kfac, shampoo")
 
 
+def run_name(optimizer: str, preset: Preset, seed: int) -> str:
+    """The name of a run in logs and checkpoint files: optimizer, lr, damping, weight decay and
+    seed, e.g. ``"mbf_lr1e-05_damping0.0003_wd0_seed0"``."""
+    damping = "none" if preset.damping is None else f"{preset.damping:g}"
+    return f"{optimizer}_lr{preset.lr:g}_damping{damping}_wd{preset.weight_decay:g}_seed{seed}"
+
+
+def _derived_seed(seed: int, purpose: str) -> int:
+    """A seed for a generator of its own, derived from ``seed`` and a name (64 bits)."""
+    digest = hashlib.sha256(f"{seed}:{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 def _eval_indices(n: int, limit: int | None) -> Tensor | None:
     """The first ``limit`` indices of a seed-0 permutation of ``n`` (``None``: all samples)."""
     if limit is None or limit >= n:
@@ -164,7 +212,9 @@ def _evaluate(
     return total / n, None if problem.is_autoencoder else correct / n
 
 
-def _check_limits(time_budget: float | None, epochs: int | None, max_steps: int | None) -> None:
+def _check_limits(
+    time_budget: float | None, epochs: int | None, max_steps: int | None, budget_clock: str
+) -> None:
     if time_budget is None and epochs is None and max_steps is None:
         raise ValueError("give time_budget (seconds) or epochs (or max_steps) to end the run")
     if time_budget is not None and not (math.isfinite(time_budget) and time_budget > 0):
@@ -174,14 +224,16 @@ def _check_limits(time_budget: float | None, epochs: int | None, max_steps: int 
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if value is not None and value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value}")
+    if budget_clock not in BUDGET_CLOCKS:
+        raise ValueError(f"budget_clock must be one of {BUDGET_CLOCKS}, got {budget_clock!r}")
 
 
 class _Clock:
-    """Training time: wall and process seconds, paused during evaluations."""
+    """Training time: wall and process seconds, paused during evaluations and the warm start."""
 
-    def __init__(self) -> None:
-        self.wall = 0.0
-        self.cpu = 0.0
+    def __init__(self, wall: float = 0.0, cpu: float = 0.0) -> None:
+        self.wall = wall
+        self.cpu = cpu
         self._start: tuple[float, float] | None = None
 
     def resume(self) -> None:
@@ -202,6 +254,346 @@ class _Clock:
         )
 
 
+class _Interrupt:
+    """SIGINT handling during a run: the first Ctrl-C asks the run to stop after the step in
+    progress (so the checkpoint is consistent); a second one raises at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning(
+            "interrupt received: stopping after the current step and saving a checkpoint "
+            "(Ctrl-C again to stop at once, losing the steps since the last checkpoint)"
+        )
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self._handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
+    state: dict[str, Any] = {name: g.get_state() for name, g in generators.items()}
+    state["torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(generators: dict[str, torch.Generator], state: dict[str, Any]) -> None:
+    for name, generator in generators.items():
+        generator.set_state(state[name])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _Run:
+    """The state of one run of :func:`train` (see the module docstring)."""
+
+    def __init__(self, problem: Problem, optimizer: str, preset: Preset, options: dict) -> None:
+        self.problem = problem
+        self.optimizer_name = optimizer
+        self.preset = preset
+        self.o = options
+        seed = options["seed"]
+        self.run = run_name(optimizer, preset, seed)
+        device, dtype = options["device"], options["dtype"]
+        dataset = options["dataset"]
+        torch.manual_seed(seed)
+        self.model = build_model(problem.model, **problem.model_kwargs).to(
+            device=device, dtype=dtype
+        )
+        self.model.train()
+        self.generators = {
+            "batches": torch.Generator().manual_seed(seed),
+            "labels": torch.Generator(device).manual_seed(seed),
+            "warm_start": torch.Generator().manual_seed(_derived_seed(seed, "warm start")),
+        }
+        self.likelihood = problem.likelihood_loss()
+        self.train_x = dataset.train_x.to(device=device, dtype=dtype)
+        self.train_y = dataset.train_y.to(device)
+        self.sets = {}
+        splits = (("train", self.train_x, self.train_y), ("test", dataset.test_x, dataset.test_y))
+        for split, x, y in splits:
+            index = _eval_indices(len(x), options["eval_samples"])
+            x, y = (x, y) if index is None else (x[index], y[index])
+            self.sets[split] = (x.to(device=device, dtype=dtype), y.to(device))
+        self.n_train = len(self.train_x)
+        self.n_batches = math.ceil(self.n_train / problem.batch_size)
+        self.base = {"run": self.run, "problem": problem.name, "optimizer": optimizer, "seed": seed}
+        self.rows: list[dict[str, Any]] = []
+        self.log: CsvLog | None = None
+        self.clock = _Clock()
+        self.warm = {"wall": 0.0, "cpu": 0.0}
+        self.step = 0
+        self.seen = 0
+        self.epoch = 0
+        self.batch = 0
+        self.order: Tensor | None = None
+        self.opt: Optimizer | None = None
+        self.durations: dict[int, float] = {}
+        self.last_duration = 0.0
+        self.saved_at = time.perf_counter()
+        self.interrupt = _Interrupt()
+        self.settings = {
+            "problem": problem.name,
+            "optimizer": optimizer,
+            "seed": seed,
+            "lr": preset.lr,
+            "damping": preset.damping,
+            "weight_decay": preset.weight_decay,
+            "dtype": str(dtype).removeprefix("torch."),
+            "device_type": torch.device(device).type,
+            "eval_samples": options["eval_samples"],
+        }
+
+    # ------------------------------------------------------------------ rows
+    def record(self, row: dict[str, Any]) -> dict[str, Any]:
+        row = {**self.base, **row}
+        self.rows.append(row)
+        if self.log is not None:
+            self.log.write(row)
+        return row
+
+    def position(self) -> dict[str, Any]:
+        wall, cpu = self.clock.now()
+        return {
+            "step": self.step,
+            "epoch": self.seen / self.n_train,
+            "wall_time": wall,
+            "process_time": cpu,
+        }
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=list(LOG_COLUMNS))
+
+    def evaluate(self) -> None:
+        self.clock.pause()
+        train_loss, train_acc = _evaluate(self.model, self.problem, *self.sets["train"])
+        test_loss, test_acc = _evaluate(self.model, self.problem, *self.sets["test"])
+        row = self.record(
+            {
+                "kind": "eval",
+                **self.position(),
+                "train_loss": train_loss,
+                "train_accuracy": train_acc,
+                "test_loss": test_loss,
+                "test_accuracy": test_acc,
+            }
+        )
+        if self.o["on_epoch"] is not None:
+            self.o["on_epoch"](row)
+        self.clock.resume()
+
+    def lr_now(self) -> float:
+        return self.preset.lr if self.opt is None else self.opt.param_groups[0]["lr"]
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint(self, status: str | None) -> None:
+        folder = self.o["checkpoint_dir"]
+        if folder is None:
+            return
+        wall, cpu = self.clock.now()
+        save_checkpoint(
+            folder,
+            self.run,
+            {
+                "settings": self.settings,
+                "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "position": {
+                    "step": self.step,
+                    "epoch": self.epoch,
+                    "batch": self.batch,
+                    "seen": self.seen,
+                    "order": None if self.order is None else self.order.cpu(),
+                    "log_rows": len(self.rows),
+                },
+                "rng": _rng_state(self.generators),
+                "clock": {
+                    "wall": wall,
+                    "cpu": cpu,
+                    "warm_wall": self.warm["wall"],
+                    "warm_cpu": self.warm["cpu"],
+                    "durations": dict(self.durations),
+                    "last_duration": self.last_duration,
+                },
+                "status": status,
+            },
+        )
+        self.saved_at = time.perf_counter()
+
+    def restore(self, payload: dict[str, Any]) -> None:
+        self.model.load_state_dict(payload["model"])
+        self.opt.load_state_dict(payload["optimizer"])
+        position = payload["position"]
+        self.step, self.epoch = int(position["step"]), int(position["epoch"])
+        self.batch, self.seen = int(position["batch"]), int(position["seen"])
+        order = position["order"]
+        self.order = None if order is None else order.to(self.train_x.device)
+        _set_rng_state(self.generators, payload["rng"])
+        clock = payload["clock"]
+        self.clock = _Clock(float(clock["wall"]), float(clock["cpu"]))
+        self.warm = {"wall": float(clock["warm_wall"]), "cpu": float(clock["warm_cpu"])}
+        self.durations = {int(k): float(v) for k, v in clock["durations"].items()}
+        self.last_duration = float(clock["last_duration"])
+
+    def checkpoint_due(self) -> bool:
+        every = self.o["checkpoint_every"]
+        if every is not None:
+            return self.step % every == 0
+        return time.perf_counter() - self.saved_at >= self.o["checkpoint_interval"]
+
+    # ------------------------------------------------------------------ limits
+    def budget_used(self) -> float:
+        wall, cpu = self.clock.now()
+        return wall if self.o["budget_clock"] == "wall" else cpu
+
+    def phase(self, step: int) -> int:
+        period = getattr(self.opt, "inverse_period", None) or self.preset.inverse_period or 1
+        return step % period
+
+    def limit_before_step(self) -> str | None:
+        """The reason to stop before taking step ``self.step + 1``, or ``None``."""
+        max_steps, budget = self.o["max_steps"], self.o["time_budget"]
+        if max_steps is not None and self.step >= max_steps:
+            return "max_steps"
+        if budget is not None:
+            used = self.budget_used()
+            predicted = self.durations.get(self.phase(self.step), self.last_duration)
+            if self.step > 0 and (used >= budget or used + predicted > budget):
+                return "time_budget"
+        return None
+
+    # ------------------------------------------------------------------ one step
+    def take_step(self) -> None:
+        index = self.order[self.batch * self.problem.batch_size :][: self.problem.batch_size]
+        opt, model, problem = self.opt, self.model, self.problem
+        started = self.budget_used()
+        x = self.train_x[index]
+        if problem.augment:
+            x = augment_batch(x, self.generators["batches"])
+        targets = problem.targets(x, self.train_y[index])
+        opt.zero_grad(set_to_none=True)
+        outputs = model(x)
+        loss = problem.loss_fn(outputs, targets)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise self.diverged(f"the minibatch loss is {value}")
+        sampled = isinstance(opt, KFAC) and opt.needs_sampled_backward()
+        loss.backward(retain_graph=sampled)
+        if sampled:
+            opt.sampled_backward(outputs, self.likelihood, generator=self.generators["labels"])
+        try:
+            opt.step()
+        except NonFiniteError as err:
+            raise self.diverged(str(err)) from err
+        duration = self.budget_used() - started
+        self.durations[self.phase(self.step)] = duration
+        self.last_duration = duration
+        self.step += 1
+        self.batch += 1
+        self.seen += len(index)
+        row = self.record({"kind": "step", **self.position(), "lr": self.lr_now(), "loss": value})
+        if self.o["on_step"] is not None:
+            self.o["on_step"](row)
+
+    def diverged(self, what: str) -> TrainingDiverged:
+        self.clock.pause()
+        self.record({"kind": "end", **self.position(), "status": "diverged"})
+        self.checkpoint("diverged")
+        where = f"; the log so far is in {self.log.path}" if self.log is not None else ""
+        return TrainingDiverged(
+            f"{self.optimizer_name} on {self.problem.name} diverged at step {self.step + 1} "
+            f"(lr {self.lr_now():g}, damping {self.preset.damping}): {what}; lower the lr or "
+            f"raise the damping{where}",
+            self.frame(),
+        )
+
+    # ------------------------------------------------------------------ the run
+    def warm_start(self) -> None:
+        """MBF's warm start (outside the clock, on its own generator), logged in one row."""
+        epochs = self.preset.warm_start_epochs
+        generator = self.generators["warm_start"]
+        order = torch.cat(
+            [torch.randperm(self.n_train, generator=generator) for _ in range(epochs)]
+        )
+        batches = order.to(self.train_x.device).split(self.problem.batch_size)
+
+        def backward(index: Tensor) -> None:
+            x = self.train_x[index]
+            self.problem.loss_fn(
+                self.model(x), self.problem.targets(x, self.train_y[index])
+            ).backward()
+
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.opt.warm_start(batches, backward)
+        self.warm = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+        self.record(
+            {
+                "kind": "warm_start",
+                "step": 0,
+                "epoch": 0.0,
+                "wall_time": self.warm["wall"],
+                "process_time": self.warm["cpu"],
+            }
+        )
+
+    def loop(self, bar: tqdm) -> str:
+        """Steps until a limit; returns the status."""
+        epochs = self.o["epochs"]
+        while True:
+            if self.batch == 0:
+                for group in self.opt.param_groups:
+                    group["lr"] = lr_at_epoch(self.preset, self.epoch)
+                self.order = torch.randperm(self.n_train, generator=self.generators["batches"]).to(
+                    self.train_x.device
+                )
+            while self.batch < self.n_batches:
+                status = self.limit_before_step()
+                if status is not None:
+                    return status
+                self.take_step()
+                bar.update()
+                if self.step % 10 == 1:
+                    bar.set_postfix(loss=f"{self.rows[-1]['loss']:.4g}")
+                if self.interrupt.requested:
+                    self.clock.pause()
+                    self.checkpoint(None)
+                    self.record({"kind": "end", **self.position(), "status": "interrupted"})
+                    raise KeyboardInterrupt
+                if self.checkpoint_due():
+                    self.checkpoint(None)
+            self.epoch += 1
+            self.batch = 0
+            self.order = None
+            if epochs is not None and self.epoch >= epochs:
+                return "epochs"
+            status = self.limit_before_step()
+            if status is not None:
+                return status
+            self.evaluate()
+
+    def finished(self) -> bool:
+        """Whether the limits stop the run at its current position (for a finished run's
+        checkpoint: whether an extension has anything to do)."""
+        epochs = self.o["epochs"]
+        if epochs is not None and self.epoch >= epochs:
+            return True
+        return self.limit_before_step() is not None
+
+
 def train(
     problem: str | Problem,
     optimizer: str,
@@ -209,6 +601,7 @@ def train(
     time_budget: float | None = None,
     epochs: int | None = None,
     max_steps: int | None = None,
+    budget_clock: BudgetClock = "wall",
     lr: float | None = None,
     damping: float | None = None,
     weight_decay: float | None = None,
@@ -219,22 +612,27 @@ def train(
     data_dir: str | Path | None = None,
     eval_samples: int | None = None,
     csv_path: str | Path | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_interval: float = 60.0,
+    resume: bool = False,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Train the problem's model with one optimizer (module docstring for the protocol).
 
-    The run ends at the first of: ``time_budget`` seconds of training wall time, ``epochs``
-    epochs, ``max_steps`` steps; at least one must be given.
+    The run ends at the first of: ``time_budget`` seconds of training on ``budget_clock``,
+    ``epochs`` epochs, ``max_steps`` steps; at least one must be given.
 
     Args:
         problem: A name of :data:`~mbf_analysis.training.problems.PROBLEMS` or a
             :class:`~mbf_analysis.training.problems.Problem`.
         optimizer: ``"mbf"``, ``"adam"``, ``"sgdm"``, ``"kfac"`` or ``"shampoo"``.
-        time_budget: Seconds of training (``wall_time``).
+        time_budget: Seconds of training on ``budget_clock``.
         epochs: Epochs.
         max_steps: Steps.
+        budget_clock: ``"wall"`` or ``"process"`` (CPU seconds of all threads).
         lr: Replaces the preset's learning rate (the schedule scales it).
         damping: Replaces the preset's damping (``ε`` for Adam and Shampoo).
         weight_decay: Replaces the preset's decoupled weight decay.
@@ -244,204 +642,143 @@ def train(
         dataset: The problem's data set if already loaded (else loaded from ``data_dir``).
         data_dir: Where :func:`~mbf_analysis.data.load_dataset` looks first.
         eval_samples: Evaluate on at most this many training and test samples (default: all).
-        csv_path: Append every log row to this CSV file as it comes.
+        csv_path: Append every log row to this CSV file as it comes (default with
+            ``checkpoint_dir``: ``<checkpoint_dir>/train_log.csv``).
+        checkpoint_dir: Save checkpoints there (``<run>.pt``, module docstring).
+        checkpoint_every: Save every this many steps (default: by time).
+        checkpoint_interval: Seconds between time-based saves.
+        resume: Continue from the run's last checkpoint in ``checkpoint_dir`` (a fresh start
+            when it has none).
         on_step: Called with each ``"step"`` row (a dict) after the step.
         on_epoch: Called with each ``"eval"`` row.
         progress: Show a tqdm bar.
 
     Returns:
-        The log (:data:`LOG_COLUMNS`).
+        The run's whole log (:data:`LOG_COLUMNS`), rows from before a resume included.
 
     Raises:
-        ValueError: Unknown problem/optimizer, invalid limits or settings, or a data set that is
-            not the problem's.
+        ValueError: Unknown problem/optimizer, invalid limits or settings, a data set that is
+            not the problem's, ``resume`` without ``checkpoint_dir``, or a CSV that already holds
+            rows of this run when not resuming.
         DataError: The problem's data files are missing (see :mod:`mbf_analysis.data`).
+        CheckpointError: No readable checkpoint, or one saved with other settings.
         TrainingDiverged: NaN/Inf loss or gradient (the log so far is in ``.log`` and the CSV).
+        KeyboardInterrupt: After Ctrl-C, once the checkpoint is saved.
     """
     problem = get_problem(problem)
     preset = get_preset(problem, optimizer, lr=lr, damping=damping, weight_decay=weight_decay)
-    _check_limits(time_budget, epochs, max_steps)
+    _check_limits(time_budget, epochs, max_steps, budget_clock)
+    if eval_samples is not None and eval_samples < 1:
+        raise ValueError(f"eval_samples must be a positive integer, got {eval_samples}")
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every}")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir, the folder of the run's checkpoints")
+    if checkpoint_dir is not None and csv_path is None:
+        csv_path = Path(checkpoint_dir) / "train_log.csv"
     # The first step of any torch.optim optimizer imports TorchDynamo (about a second); import
     # it before the clock starts, so that the first run of a comparison is not charged for it.
     import torch._dynamo  # noqa: F401
 
-    if eval_samples is not None and eval_samples < 1:
-        raise ValueError(f"eval_samples must be a positive integer, got {eval_samples}")
     if dataset is None:
         dataset = load_dataset(problem.dataset, data_dir)
     if dataset.name != problem.dataset:
         raise ValueError(
             f"problem {problem.name!r} trains on {problem.dataset!r}, got data set {dataset.name!r}"
         )
-    torch.manual_seed(seed)
-    model = build_model(problem.model, **problem.model_kwargs).to(device=device, dtype=dtype)
-    model.train()
-    generator = torch.Generator().manual_seed(seed)
-    label_generator = torch.Generator(device).manual_seed(seed)
-    likelihood = problem.likelihood_loss()
-    train_x = dataset.train_x.to(device=device, dtype=dtype)
-    train_y = dataset.train_y.to(device)
-    sets = {}
-    for split, x, y in (("train", train_x, train_y), ("test", dataset.test_x, dataset.test_y)):
-        index = _eval_indices(len(x), eval_samples)
-        x, y = (x, y) if index is None else (x[index], y[index])
-        sets[split] = (x.to(device=device, dtype=dtype), y.to(device))
-    n_train = len(train_x)
-    base = {"problem": problem.name, "optimizer": optimizer, "seed": seed}
-    rows: list[dict[str, Any]] = []
-    log = CsvLog(csv_path) if csv_path is not None else None
-    clock = _Clock()
-    state = {"step": 0, "seen": 0}
-
-    def record(row: dict[str, Any]) -> dict[str, Any]:
-        row = {**base, **row}
-        rows.append(row)
-        if log is not None:
-            log.write(row)
-        return row
-
-    def position() -> dict[str, Any]:
-        wall, cpu = clock.now()
-        return {
-            "step": state["step"],
-            "epoch": state["seen"] / n_train,
-            "wall_time": wall,
-            "process_time": cpu,
-        }
-
-    def evaluate() -> None:
-        clock.pause()
-        train_loss, train_acc = _evaluate(model, problem, *sets["train"])
-        test_loss, test_acc = _evaluate(model, problem, *sets["test"])
-        row = record(
-            {
-                "kind": "eval",
-                **position(),
-                "train_loss": train_loss,
-                "train_accuracy": train_acc,
-                "test_loss": test_loss,
-                "test_accuracy": test_acc,
-            }
-        )
-        if on_epoch is not None:
-            on_epoch(row)
-        clock.resume()
-
-    def frame() -> pd.DataFrame:
-        return pd.DataFrame(rows, columns=list(LOG_COLUMNS))
-
-    def diverged(what: str) -> TrainingDiverged:
-        clock.pause()
-        record({"kind": "end", **position(), "status": "diverged"})
-        where = f"; the log so far is in {log.path}" if log is not None else ""
-        return TrainingDiverged(
-            f"{optimizer} on {problem.name} diverged at step {state['step'] + 1} "
-            f"(lr {lr_now():g}, damping {preset.damping}): {what}; lower the lr or raise the "
-            f"damping{where}",
-            frame(),
-        )
-
-    def lr_now() -> float:
-        return preset.lr if opt is None else opt.param_groups[0]["lr"]
-
-    total_steps = None
-    if epochs is not None:
-        total_steps = epochs * math.ceil(n_train / problem.batch_size)
-    if max_steps is not None:
-        total_steps = min(total_steps or max_steps, max_steps)
-    bar = tqdm(
-        total=total_steps, desc=f"{problem.name} {optimizer}", unit="step", disable=not progress
-    )
-    status = None
-    opt: Optimizer | None = None
+    options = {
+        "time_budget": time_budget,
+        "epochs": epochs,
+        "max_steps": max_steps,
+        "budget_clock": budget_clock,
+        "seed": seed,
+        "device": device,
+        "dtype": dtype,
+        "dataset": dataset,
+        "eval_samples": eval_samples,
+        "checkpoint_dir": None if checkpoint_dir is None else Path(checkpoint_dir),
+        "checkpoint_every": checkpoint_every,
+        "checkpoint_interval": checkpoint_interval,
+        "on_step": on_step,
+        "on_epoch": on_epoch,
+    }
+    run = _Run(problem, optimizer, preset, options)
+    saved = None
+    if resume:
+        saved = load_checkpoint(checkpoint_dir, run.run, run.settings)
+    run.opt = make_optimizer(optimizer, run.model, preset)
     try:
-        evaluate()
-        opt = make_optimizer(optimizer, model, preset)
-        if optimizer == "mbf" and preset.warm_start_epochs > 0:
-            _warm_start(opt, model, problem, train_x, train_y, generator, preset.warm_start_epochs)
-        epoch = 0
-        while status is None:
-            for group in opt.param_groups:
-                group["lr"] = lr_at_epoch(preset, epoch)
-            order = torch.randperm(n_train, generator=generator).to(device)
-            for index in order.split(problem.batch_size):
-                x = train_x[index]
-                if problem.augment:
-                    x = augment_batch(x, generator)
-                targets = problem.targets(x, train_y[index])
-                opt.zero_grad(set_to_none=True)
-                outputs = model(x)
-                loss = problem.loss_fn(outputs, targets)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise diverged(f"the minibatch loss is {value}")
-                sampled = isinstance(opt, KFAC) and opt.needs_sampled_backward()
-                loss.backward(retain_graph=sampled)
-                if sampled:
-                    opt.sampled_backward(outputs, likelihood, generator=label_generator)
-                try:
-                    opt.step()
-                except NonFiniteError as err:
-                    raise diverged(str(err)) from err
-                state["step"] += 1
-                state["seen"] += len(index)
-                row = record({"kind": "step", **position(), "lr": lr_now(), "loss": value})
-                bar.update()
-                if state["step"] % 10 == 1:
-                    bar.set_postfix(loss=f"{value:.4g}")
-                if on_step is not None:
-                    on_step(row)
-                if time_budget is not None and row["wall_time"] >= time_budget:
-                    status = "time_budget"
-                elif max_steps is not None and state["step"] >= max_steps:
-                    status = "max_steps"
-                if status is not None:
-                    break
-            else:
-                epoch += 1
-                if epochs is not None and epoch >= epochs:
-                    status = "epochs"
-                evaluate()
-                continue
-            evaluate()
-        clock.pause()
-        record({"kind": "end", **position(), "status": status})
+        if saved is not None:
+            run.restore(saved)
+            previous = read_log(csv_path)
+            previous = previous[previous.run == run.run]
+            if saved["status"] == "diverged" or (saved["status"] is not None and run.finished()):
+                logger.info("%s: finished (%s), kept as it is", run.run, saved["status"])
+                return previous.reset_index(drop=True)
+            kept = int(saved["position"]["log_rows"])
+            keep_rows(csv_path, run.run, kept)
+            run.rows = previous.iloc[:kept].to_dict("records")
+        elif csv_path is not None and Path(csv_path).is_file():
+            earlier = read_log(csv_path)
+            if resume:
+                keep_rows(csv_path, run.run, 0)
+            elif (earlier.run == run.run).any():
+                raise ValueError(
+                    f"{csv_path} already holds rows of run {run.run!r}; resume it "
+                    "(resume=True with its checkpoint_dir) or log to another file"
+                )
+        if csv_path is not None:
+            run.log = CsvLog(csv_path)
+        return _execute(run, fresh=saved is None, progress=progress)
+    finally:
+        if run.log is not None:
+            run.log.close()
+        if isinstance(run.opt, KFAC):
+            run.opt.remove_hooks()
+
+
+def _execute(run: _Run, *, fresh: bool, progress: bool) -> pd.DataFrame:
+    """Run the steps of a fresh or restored :class:`_Run` to its end; returns its log."""
+    o = run.o
+    total = None
+    if o["epochs"] is not None:
+        total = o["epochs"] * run.n_batches
+    if o["max_steps"] is not None:
+        total = min(total or o["max_steps"], o["max_steps"])
+    bar = tqdm(
+        total=total,
+        initial=run.step,
+        desc=f"{run.problem.name} {run.optimizer_name}",
+        unit="step",
+        disable=not progress,
+    )
+    try:
+        with run.interrupt.installed():
+            if fresh:
+                run.evaluate()
+                run.clock.pause()
+                if run.optimizer_name == "mbf" and run.preset.warm_start_epochs > 0:
+                    run.warm_start()
+                run.checkpoint(None)
+            run.clock.resume()
+            status = run.loop(bar)
+            run.evaluate()
+            run.clock.pause()
+            run.checkpoint(status)
+            run.record({"kind": "end", **run.position(), "status": status})
     except KeyboardInterrupt:
-        clock.pause()
-        record({"kind": "end", **position(), "status": "interrupted"})
+        run.clock.pause()
+        if not run.rows or run.rows[-1].get("status") != "interrupted":
+            run.record({"kind": "end", **run.position(), "status": "interrupted"})
         raise
     finally:
         bar.close()
-        if log is not None:
-            log.close()
-        if isinstance(opt, KFAC):
-            opt.remove_hooks()
     logger.info(
         "%s on %s: %s after %d steps, %.1f s",
-        optimizer,
-        problem.name,
+        run.optimizer_name,
+        run.problem.name,
         status,
-        state["step"],
-        clock.wall,
+        run.step,
+        run.clock.wall,
     )
-    return frame()
-
-
-def _warm_start(
-    opt: MBF,
-    model: nn.Module,
-    problem: Problem,
-    train_x: Tensor,
-    train_y: Tensor,
-    generator: torch.Generator,
-    epochs: int,
-) -> None:
-    """MBF's warm start: ``F_b`` averaged over ``epochs`` passes of minibatch gradients."""
-    order = torch.cat([torch.randperm(len(train_x), generator=generator) for _ in range(epochs)])
-    batches = order.to(train_x.device).split(problem.batch_size)
-
-    def backward(index: Tensor) -> None:
-        x = train_x[index]
-        problem.loss_fn(model(x), problem.targets(x, train_y[index])).backward()
-
-    opt.warm_start(batches, backward)
+    return run.frame()

@@ -1,0 +1,70 @@
+"""The names the command line accepts, known without importing torch.
+
+``mbf-analyze --help`` and every argument error answer from this module, so that they never
+import the numerical stack. Each tuple mirrors a registry of the library, in the registry's
+order; ``tests/test_cli_startup.py`` checks that they stay equal:
+
+- :data:`DATASETS`: :func:`mbf_analysis.datafiles.dataset_names` (itself torch-free);
+- :data:`MODELS`: :func:`mbf_analysis.models.model_names`;
+- :data:`METHODS`: :func:`mbf_analysis.methods.names`;
+- :data:`PROBLEMS`: :func:`mbf_analysis.training.problem_names`, and :data:`PROBLEM_DATA` the
+  data set of each;
+- :data:`OPTIMIZERS`: :data:`mbf_analysis.training.OPTIMIZERS`;
+- :data:`FISHER_KINDS`: :data:`mbf_analysis.curvature.FISHER_KINDS`.
+"""
+
+from __future__ import annotations
+
+from mbf_analysis.datafiles import dataset_names
+
+__all__ = [
+    "DATASETS",
+    "FISHER_KINDS",
+    "METHODS",
+    "MODELS",
+    "OPTIMIZERS",
+    "PROBLEMS",
+    "PROBLEM_DATA",
+]
+
+DATASETS: tuple[str, ...] = tuple(dataset_names())
+
+MODELS: tuple[str, ...] = (
+    "digits-mlp",
+    "paper-mlp",
+    "simple-cnn",
+    "mnist-ae",
+    "faces-ae",
+    "curves-ae",
+    "resnet32",
+    "vgg11-bn",
+    "vgg16-bn",
+)
+
+METHODS: tuple[str, ...] = (
+    "sgdm",
+    "adam",
+    "bdf",
+    "mbf",
+    "mbf-true",
+    "mbf-exact",
+    "kfac",
+    "shampoo",
+)
+
+PROBLEM_DATA: dict[str, str] = {
+    "mlp-digits": "digits",
+    "mnist-ae": "mnist",
+    "fashion-cnn": "fashion-mnist",
+    "curves-ae": "curves",
+    "faces-ae": "faces",
+    "resnet32-cifar10": "cifar10",
+    "vgg16-cifar100": "cifar100",
+    "vgg11-svhn": "svhn",
+}
+
+PROBLEMS: tuple[str, ...] = tuple(PROBLEM_DATA)
+
+OPTIMIZERS: tuple[str, ...] = ("mbf", "adam", "sgdm", "kfac", "shampoo")
+
+FISHER_KINDS: tuple[str, ...] = ("empirical", "exact", "mc")
