@@ -50,6 +50,10 @@ METHODS: tuple[str, ...] = (
     "mbf-exact",
     "kfac",
     "shampoo",
+    "kpsvd",
+    "deflation",
+    "lanczos",
+    "kfac-corrected",
 )
 
 PROBLEM_DATA: dict[str, str] = {

@@ -5,14 +5,18 @@
   extra sampled-label backward pass;
 - :class:`KFAC`: KFAC / KFC with its own forward and backward hooks (empirical or, with
   ``true_fisher=True``, true Fisher); :func:`kfac_true_step` runs its sampled-label backward pass;
-- :class:`Shampoo`: Shampoo with EMA statistics.
+- :class:`Shampoo`: Shampoo with EMA statistics;
+- :class:`MethodOptimizer`: any method of the registry (:func:`mbf_analysis.methods.names`),
+  driven through the method interface, with a KL clip and a Fisher sub-batch for the curvature.
 
-All three take the same momentum (torch SGD convention), periods ``T1``/``T2`` and decoupled
-weight decay, work with parameter groups, ``state_dict``, LR schedulers and closures.
+The first three take the same momentum (torch SGD convention), periods ``T1``/``T2`` and
+decoupled weight decay; :class:`MethodOptimizer` takes the method's own. All four work with
+parameter groups, ``state_dict``, LR schedulers, closures and ``DistributedDataParallel``.
 """
 
+from mbf_analysis.optim.generic import MethodOptimizer
 from mbf_analysis.optim.kfac import KFAC, kfac_true_step
 from mbf_analysis.optim.mbf import MBF, mbf_true_step
 from mbf_analysis.optim.shampoo import Shampoo
 
-__all__ = ["KFAC", "MBF", "Shampoo", "kfac_true_step", "mbf_true_step"]
+__all__ = ["KFAC", "MBF", "MethodOptimizer", "Shampoo", "kfac_true_step", "mbf_true_step"]
