@@ -229,6 +229,7 @@ def test_resume_extends_a_finished_run_and_keeps_a_finished_one(tmp_path, capsys
     assert (short / "train_log.csv").read_text() == before  # finished: kept as it is
     assert main(["train", "--resume", "--out", str(short), "--max-steps", "40"]) == 0
     assert main([*argv, "--max-steps", "40", "--out", str(long)]) == 0
+
     def by_run(path: Path) -> pd.DataFrame:  # the extension appends after the other runs
         return _step_rows(path).sort_values(["run", "step"], kind="stable", ignore_index=True)
 

@@ -29,8 +29,8 @@ all threads, ``time.process_time``, as the paper timed its runs; on a shared mac
 punishes whichever run is unlucky). The budget is respected: before each step the run predicts
 the step's duration (the last step of the same phase of the optimizer's inverse period, e.g.
 the last step that refreshed the inverses, else the last step) and stops when it would end past
-the budget; the first step is always taken. Both clocks count the training steps only: not the evaluations, not the warm start
-and not the construction of the optimizer.
+the budget; the first step is always taken. Both clocks count the training steps only: not the
+evaluations, not the warm start and not the construction of the optimizer.
 
 **Log** (a tidy frame, :data:`LOG_COLUMNS`), one row per
 
