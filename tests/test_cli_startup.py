@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
@@ -54,7 +51,9 @@ print("LOADED", sorted(m for m in {HEAVY!r} if m in sys.modules))
 print("CODE", code)
 """
     done = _python(code, env)
-    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if line[:4] in ("LOAD", "CODE"))
+    lines = dict(
+        line.split(" ", 1) for line in done.stdout.splitlines() if line[:4] in ("LOAD", "CODE")
+    )
     return eval(lines["LOADED"]), done.stderr, int(lines["CODE"])  # noqa: S307 (our own output)
 
 
