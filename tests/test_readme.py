@@ -1,0 +1,64 @@
+"""Every snippet and command of the README works as written.
+
+The Python blocks run in order in one namespace from the repository root (they read
+``../shared/data``, as the README says); the training snippet must lower the loss. Every
+``mbf-analyze`` command of the shell blocks must parse; the Quickstart's analysis runs.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from mbf_analysis.cli import build_parser, main
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+
+
+def _commands() -> list[list[str]]:
+    """The ``mbf-analyze`` commands of the shell blocks, continuation lines joined."""
+    commands = []
+    for block in _blocks("bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in line.split("&&"):
+                words = shlex.split(part.split("#", 1)[0])
+                if words and words[0] == "mbf-analyze":
+                    commands.append(words[1:])
+    return commands
+
+
+def test_the_readme_has_snippets_and_commands():
+    assert len(_blocks("python")) >= 3 and len(_commands()) >= 10
+
+
+def test_the_python_snippets_run_as_written_and_the_optimizer_trains(monkeypatch):
+    monkeypatch.chdir(REPO)
+    namespace: dict = {}
+    for block in _blocks("python"):
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 (our own README)
+    losses = namespace["losses"]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("argv", _commands(), ids=lambda argv: " ".join(argv)[:60])
+def test_every_command_parses(argv):
+    build_parser().parse_args(argv)
+
+
+def test_the_quickstart_analysis_runs_as_written(tmp_path, monkeypatch, capsys):
+    quickstart = [argv for argv in _commands() if argv == ["cosine"]]
+    assert quickstart, "the Quickstart runs `mbf-analyze cosine`"
+    monkeypatch.chdir(tmp_path)
+    assert main([*quickstart[0], "--no-progress"]) == 0
+    assert (tmp_path / "runs" / "cosine-digits-digits-mlp" / "cosine.csv").is_file()
+    assert "median cosine with BDF" in capsys.readouterr().out
