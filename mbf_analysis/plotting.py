@@ -305,7 +305,7 @@ def plot_cosines(
         ax.set_ylim(*ylim)
         ax.set_xlabel("iteration", fontsize=8)
         ax.set_ylabel(f"cosine with BDF (mean of {smoothing})", fontsize=7)
-        ax.tick_params(labelsize=7)
+        ax.tick_params(labelsize=7, labelbottom=True)
         ax.grid(alpha=0.3)
     if loss:
         ax = axes[len(layers)]

@@ -161,3 +161,48 @@ def test_cosine_figure_with_negative_values_and_without_loss(tmp_path):
     assert png.stat().st_size > 0 and pdf.stat().st_size > 0
     with pytest.raises(ValueError, match="methods"):
         plot_cosines(frame, methods=["adam"])
+
+
+def test_cosine_figure_fits_a_page_wraps_marks_the_collapse_and_has_a_title(tmp_path):
+    frame = pd.concat(
+        [_cosine_frame().assign(layer=lambda f: f.layer + suffix) for suffix in ("", "b")]
+    )
+    fig = plot_cosines(frame, title="digits-mlp on digits, λ = 0.003, lr 0.1", collapse=12)
+    panels = [ax for ax in fig.axes if ax.axison]
+    assert len(panels) == 7  # six layers and the loss, three panels a row
+    columns = {round(ax.get_position().x0, 3) for ax in panels}
+    assert len(columns) == 3
+    assert fig.get_figwidth() <= 7.5  # the width of a page
+    assert fig._suptitle.get_text() == "digits-mlp on digits, λ = 0.003, lr 0.1"
+    for ax in panels:
+        marks = [line for line in ax.lines if line.get_gid() == "collapse"]
+        assert len(marks) == 1 and list(marks[0].get_xdata()) == [12, 12]
+    texts = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert texts[-1] == "loss collapsed (iteration 12)"
+    png, _ = save_figure(fig, tmp_path / "wrapped")
+    assert png.stat().st_size > 0
+
+
+def test_heatmap_grid_zooms_into_matrices_with_many_blocks():
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal((64 * 5, 64 * 5))
+    small = rng.standard_normal((12, 12))
+    fig = plot_heatmap_grid(
+        {"conv2 input channel 1": big, "fc3": small},
+        {"conv2 input channel 1": [5] * 64, "fc3": [4] * 3},
+        suptitle="|(F + λI)⁻¹| of the true Fisher (computed exactly)",
+    )
+    panels = [ax for ax in fig.axes if ax.axison and ax.get_title()]
+    titles = [ax.get_title() for ax in panels]
+    assert titles == [
+        "conv2 input channel 1",
+        "conv2 input channel 1\nzoom: mini-blocks 1-4 of 64",
+        "fc3",
+    ]
+    zoom = panels[1]
+    outlines = [p for p in zoom.patches if p.get_gid() == BLOCK_GID]
+    assert len(outlines) == 4 and zoom.get_xlim() == (-0.5, 19.5)
+    image = zoom.get_images()[0]
+    np.testing.assert_allclose(image.get_array(), np.abs(big[:20, :20]))
+    assert image.norm.vmax == pytest.approx(np.abs(big).max())  # the whole matrix's scale
+    assert "true Fisher" in fig._suptitle.get_text()

@@ -7,10 +7,13 @@ The Python blocks run in order in one namespace from the repository root (they r
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from mbf_analysis.cli import build_parser, main
@@ -60,5 +63,13 @@ def test_the_quickstart_analysis_runs_as_written(tmp_path, monkeypatch, capsys):
     assert quickstart, "the Quickstart runs `mbf-analyze cosine`"
     monkeypatch.chdir(tmp_path)
     assert main([*quickstart[0], "--no-progress"]) == 0
-    assert (tmp_path / "runs" / "cosine-digits-digits-mlp" / "cosine.csv").is_file()
-    assert "median cosine with BDF" in capsys.readouterr().out
+    out = tmp_path / "runs" / "cosine-digits-digits-mlp"
+    printed = capsys.readouterr().out
+    assert "median cosine with BDF" in printed
+    # on digits the loss collapses: the run says so, with the medians before the collapse
+    losses = pd.read_csv(out / "cosine.csv").groupby("iteration").loss.first().to_numpy()
+    typical = [np.median(losses[max(0, k - 4) : k + 1]) for k in range(len(losses))]
+    collapsed = next(k for k, value in enumerate(typical) if value < 0.01 * losses[0])
+    assert json.loads((out / "run.json").read_text())["collapse_iteration"] == collapsed
+    assert f"collapsed below 0.01× its first value by iteration {collapsed}" in printed
+    assert f"Medians over iterations 0-{collapsed - 1}, before the collapse:" in printed

@@ -431,3 +431,33 @@ def test_training_curves_mark_where_a_run_diverged(digits):
     assert "diverged" in [t.get_text() for t in ax.get_legend().get_texts()]
     with pytest.raises(ValueError, match="x must be among"):
         plot_training_curves(log, "steps")
+
+
+def test_a_grid_point_without_progress_is_never_the_best(digits):
+    frame = grid_search(
+        "mlp-digits", "sgdm", lrs=[0.05, 30.0], max_steps=30, dataset=digits, progress=False
+    )
+    assert list(frame.status) == ["max_steps", "no_progress"]
+    assert frame.train_loss.iloc[1] >= frame.initial_train_loss.iloc[1]  # it did not train
+    assert list(frame.best) == [True, False]
+    stuck = grid_search(
+        "mlp-digits", "sgdm", lrs=[30.0, 50.0], max_steps=30, dataset=digits, progress=False
+    )
+    assert (stuck.status == "no_progress").all() and not stuck.best.any()
+
+
+def test_summaries_of_autoencoders_have_no_accuracy_columns(digits):
+    classifier = summarize(train("mlp-digits", "sgdm", max_steps=2, dataset=digits, progress=False))
+    assert {"train_accuracy", "test_accuracy"} <= set(classifier.columns)
+    tiny = Dataset(
+        name="mnist",
+        train_x=torch.rand(40, 1, 28, 28),
+        train_y=torch.zeros(40, dtype=torch.int64),
+        test_x=torch.rand(10, 1, 28, 28),
+        test_y=torch.zeros(10, dtype=torch.int64),
+        num_classes=10,
+        input_shape=(1, 28, 28),
+    )
+    autoencoder = summarize(train("mnist-ae", "sgdm", max_steps=2, dataset=tiny, progress=False))
+    assert "train_accuracy" not in autoencoder and "test_accuracy" not in autoencoder
+    assert autoencoder.train_loss.notna().all()

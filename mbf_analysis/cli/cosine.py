@@ -305,13 +305,16 @@ def median_table(frame: pd.DataFrame) -> pd.DataFrame:
     return table.reindex(index=methods, columns=layers)
 
 
-def collapse_iteration(frame: pd.DataFrame, ratio: float = COLLAPSE_RATIO) -> int | None:
-    """The first iteration whose loss is below ``ratio`` times the first recorded loss, or
-    ``None`` when the loss never collapses."""
+def collapse_iteration(
+    frame: pd.DataFrame, ratio: float = COLLAPSE_RATIO, window: int = 5
+) -> int | None:
+    """The first iteration at which the median loss of the last ``window`` iterations is below
+    ``ratio`` times the first loss (a lasting fall, not one lucky minibatch), or ``None``."""
     losses = frame.groupby("iteration", sort=True)["loss"].first()
     if losses.empty or not losses.iloc[0] > 0:
         return None
-    below = losses.index[losses < ratio * losses.iloc[0]]
+    typical = losses.rolling(window, min_periods=1).median()
+    below = losses.index[typical < ratio * losses.iloc[0]]
     return int(below[0]) if len(below) else None
 
 
@@ -454,11 +457,12 @@ def run(args: argparse.Namespace) -> None:
     )
     _print_table(median_table(frame))
     if collapsed is not None:
+        typical = final.loc[:collapsed].tail(5).median()
         before = frame[frame.iteration < collapsed]
         print(
-            f"warning: the loss collapsed below {COLLAPSE_RATIO:g}× its first value at "
-            f"iteration {collapsed} ({final.loc[collapsed]:.3g}); after that the directions "
-            "mostly measure convergence and most cosines drift towards 1. Medians over "
+            f"warning: the loss collapsed below {COLLAPSE_RATIO:g}× its first value by "
+            f"iteration {collapsed} (median of the last 5: {typical:.3g}); after that the "
+            "directions mostly measure convergence and most cosines drift towards 1. Medians over "
             f"iterations 0-{collapsed - 1}, before the collapse:"
         )
         if len(before):
