@@ -165,7 +165,7 @@ def test_cosine_figure_with_negative_values_and_without_loss(tmp_path):
 
 def test_cosine_figure_fits_a_page_wraps_marks_the_collapse_and_has_a_title(tmp_path):
     frame = pd.concat(
-        [_cosine_frame().assign(layer=lambda f: f.layer + suffix) for suffix in ("", "b")]
+        [_cosine_frame().assign(layer=_cosine_frame().layer + suffix) for suffix in ("", "b")]
     )
     fig = plot_cosines(frame, title="digits-mlp on digits, λ = 0.003, lr 0.1", collapse=12)
     panels = [ax for ax in fig.axes if ax.axison]
