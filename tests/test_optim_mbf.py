@@ -3,6 +3,8 @@
 - one step and two steps against ``blockdiag(F_b) + λI`` assembled densely and solved;
 - the fast (bucketed) path against the reference (per-block loops), and both against
   ``methods.get("mbf")`` / ``"mbf-true"`` driven by ``collect`` at the same iterates;
+- the spatial-averaging rules (size, width, layer names) against dense solves, and the row-form
+  direction of large blocks against per-block ``P_b @ m_b``;
 - periods, decoupled weight decay, warm start, state_dict resume (bit for bit), param groups,
   LR schedulers, closures, float32, fallbacks, validation, non-finite gradients;
 - a smoke test on the bundled digits.
@@ -23,6 +25,7 @@ from mbf_analysis.curvature.collect import GRAD, SAMPLED_GRAD, collect
 from mbf_analysis.errors import NonFiniteError
 from mbf_analysis.layout import model_layouts
 from mbf_analysis.optim import MBF, mbf_true_step
+from mbf_analysis.optim.mbf import SpatialAveraging
 
 CE = nn.CrossEntropyLoss()
 IMPLS = ["fast", "reference"]
@@ -228,6 +231,196 @@ def test_directions_match_methods_mbf(impl):
 def test_directions_match_methods_mbf_true():
     s = _settings(weight_decay=0.0, stat_period=1, inverse_period=2)
     _method_directions(_net(), s, statistic="mbf-true", steps=4)
+
+
+# ----------------------------------------------------------------------------- spatial averaging
+def _ae(seed=0):
+    """A small autoencoder 7-6-5-2-5-6-7 (Tanh): widths ≥ 5 on both sides for fc1, fc2, fc5,
+    fc6; fc3 (5 → 2) and fc4 (2 → 5) are narrower."""
+    torch.manual_seed(seed)
+    widths = [7, 6, 5, 2, 5, 6, 7]
+    layers = []
+    for k in range(len(widths) - 1):
+        layers += [nn.Linear(widths[k], widths[k + 1]), nn.Tanh()]
+    return nn.Sequential(*layers[:-1]).to(DT)
+
+
+def _ae_batches(n, m=6, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.rand(m, 7, generator=gen, dtype=DT) for _ in range(n)]
+
+
+def _ae_backward(model, x):
+    loss = nn.functional.mse_loss(model(x), x)
+    loss.backward()
+    return loss
+
+
+AE_RULES = {
+    "width": SpatialAveraging(min_width=5),
+    "names": SpatialAveraging(layers=["0", "2", "8", "10"]),
+    # n_out·(n_in + 1)²: fc1 6·64 = 384, fc2 5·49 = 245, fc3 2·36 = 72, fc4 5·9 = 45,
+    # fc5 6·36 = 216, fc6 7·49 = 343: above 200 are the same four layers.
+    "size": SpatialAveraging(threshold=200),
+}
+AE_AVERAGED = {"0", "2", "8", "10"}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("rule", list(AE_RULES))
+def test_spatial_averaging_rules_against_dense_solves(rule, impl):
+    """Two steps at T1 = T2 = 1: averaged layers solve with blockdiag(F̄, …, F̄) + λI,
+    F̄ = Σ_w w (1/n_out) Σ_j u_j u_jᵀ, the others with the per-neuron blocks; every rule that
+    selects the same layers gives the same ``F`` shapes."""
+    lam, beta, mu, lr = 0.05, 0.7, 0.8, 0.1
+    model = _ae()
+    opt = MBF(
+        model,
+        lr=lr,
+        damping=lam,
+        momentum=mu,
+        stat_decay=beta,
+        stat_period=1,
+        inverse_period=1,
+        spatial_averaging=AE_RULES[rule],
+        implementation=impl,
+    )
+    layouts = model_layouts(model)
+    history = []
+    for k, x in enumerate(_ae_batches(2)):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.zero_grad()
+        _ae_backward(model, x)
+        history.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+        opt.step()
+        weights = [1 - beta] if k == 0 else [beta * (1 - beta), 1 - beta]
+        for name, layout in layouts.items():
+            g = layout.groups[0]
+            vecs = [layout.flatten({n: h[n] for n in layout.param_names}) for h in history]
+            m = vecs[-1] if k == 0 else mu * vecs[0] + vecs[1]
+            if name in AE_AVERAGED:
+                rows = [v.view(g.count, g.size) for v in vecs]
+                fbar = sum(w * r.T @ r for w, r in zip(weights, rows, strict=True)) / g.count
+                F = torch.block_diag(*[fbar] * g.count)
+            else:
+                F = sum(w * torch.outer(v, v) for w, v in zip(weights, vecs, strict=True))
+                F = F * layout.block_mask()
+            d = torch.linalg.solve(F + lam * torch.eye(layout.dim, dtype=DT), m)
+            theta = layout.flatten({n: before[n] for n in layout.param_names})
+            expected = layout.unflatten(theta - lr * d)
+            for n in layout.param_names:
+                got = dict(model.named_parameters())[n].detach()
+                torch.testing.assert_close(got, expected[n], rtol=1e-11, atol=1e-13)
+    for name, layout in layouts.items():
+        stored = 1 if name in AE_AVERAGED else layout.groups[0].count
+        weight = dict(model.named_modules())[name].weight
+        assert opt.state[weight]["F"].shape[0] == stored, name
+
+
+def test_averaging_rule_directions_match_methods_mbf():
+    """The optimizer and ``methods.get("mbf")`` with the same rule take the same directions
+    (cross-entropy on the 7 outputs: ``collect`` rescales an MSE loss to ½‖f − y‖²)."""
+    rule = SpatialAveraging(min_width=5)
+    lam, lr = 0.05, 0.1
+    model = _ae()
+    opt = MBF(model, lr=lr, damping=lam, stat_period=1, inverse_period=2, spatial_averaging=rule)
+    method = methods.get(
+        "mbf", damping=lam, decay=0.9, stat_period=1, inverse_period=2, spatial_averaging=rule
+    )
+    labels = torch.randint(0, 7, (6,), generator=torch.Generator().manual_seed(5))
+    for x in _ae_batches(4):
+        method.update(collect(model, CE, x, labels, {GRAD}))
+        expected = method.direction()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.zero_grad()
+        CE(model(x), labels).backward()
+        opt.step()
+        for name, layout in model_layouts(model).items():
+            moved = {n: (before[n] - p.detach()) / lr for n, p in model.named_parameters()}
+            got = layout.flatten({n: moved[n] for n in layout.param_names})
+            torch.testing.assert_close(got, expected[name], rtol=1e-8, atol=1e-10)
+    assert method.state["0"]["F"].shape[0] == 1 and method.state["4"]["F"].shape[0] == 2
+
+
+def test_row_form_direction_of_large_blocks_equals_per_block_solves():
+    """Blocks of size 41 and 31 (no averaging), float64: the fast path's ``m_bᵀ P_b`` equals the
+    reference path's ``P_b m_b`` over several steps, and the inverses are symmetric."""
+    torch.manual_seed(3)
+    build = lambda: nn.Sequential(nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, 12)).to(DT)  # noqa: E731
+    gen = torch.Generator().manual_seed(4)
+    xs = [torch.randn(16, 40, generator=gen, dtype=DT) for _ in range(5)]
+    ys = [torch.randint(0, 12, (16,), generator=gen) for _ in range(5)]
+    out = {}
+    for impl in IMPLS:
+        torch.manual_seed(3)
+        model = build()
+        opt = MBF(
+            model,
+            lr=0.05,
+            damping=0.01,
+            stat_period=1,
+            inverse_period=2,
+            spatial_threshold=None,
+            implementation=impl,
+        )
+        for x, y in zip(xs, ys, strict=True):
+            opt.zero_grad()
+            CE(model(x), y).backward()
+            opt.step()
+        P = opt.state[model[0].weight]["P"]
+        assert P.shape == (30, 41, 41)
+        torch.testing.assert_close(P, P.mT, rtol=0, atol=1e-12)
+        out[impl] = _params(model)
+    _close(out["fast"], out["reference"], rtol=1e-11, atol=1e-13)
+
+
+def test_explicit_rule_replaces_the_threshold_and_is_validated():
+    model = _ae()
+    with pytest.raises(ValueError, match="not both"):
+        MBF(model, lr=0.1, spatial_threshold=50, spatial_averaging=SpatialAveraging(min_width=2))
+    with pytest.raises(ValueError, match="not both"):
+        MBF(model, lr=0.1, spatial_threshold=None, spatial_averaging=SpatialAveraging(layers=()))
+    with pytest.raises(ValueError, match="must be a SpatialAveraging rule"):
+        MBF(model, lr=0.1, spatial_averaging=250)
+    with pytest.raises(ValueError, match=r"names \['fc9'\], which are not Linear layers"):
+        MBF(model, lr=0.1, spatial_averaging=SpatialAveraging(layers=("0", "fc9")))
+    with pytest.raises(ValueError, match=r"names \['0'\], which are not Linear"):
+        MBF(_net(), lr=0.1, spatial_averaging=SpatialAveraging(layers=("0",)))  # a Conv2d
+    with pytest.raises(ValueError, match="not Linear layers"):
+        methods.get("mbf", spatial_averaging=SpatialAveraging(layers=("x",))).update(
+            collect(model, nn.MSELoss(), _ae_batches(1)[0], _ae_batches(1)[0], {GRAD})
+        )
+    with pytest.raises(ValueError, match="not both"):
+        methods.get("mbf", spatial_threshold=5, spatial_averaging=SpatialAveraging(min_width=1))
+    # layers=(): no layer is averaged, the same as spatial_threshold=None.
+    runs = []
+    for kwargs in ({"spatial_averaging": SpatialAveraging(layers=())}, {"spatial_threshold": None}):
+        model = _ae()
+        opt = MBF(model, lr=0.1, **kwargs)
+        for x in _ae_batches(3):
+            opt.zero_grad()
+            _ae_backward(model, x)
+            opt.step()
+        assert opt.state[model[0].weight]["F"].shape == (6, 8, 8)
+        runs.append(_params(model))
+    _close(*runs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({}, "exactly one of threshold, min_width or layers, got none"),
+        ({"threshold": 10, "min_width": 2}, "got threshold, min_width"),
+        ({"min_width": 0}, "min_width must be a positive integer"),
+        ({"threshold": 2.5}, "threshold must be a positive integer"),
+        ({"min_width": True}, "min_width must be a positive integer"),
+        ({"layers": "fc1"}, "list or tuple of module names"),
+        ({"layers": ["fc1", 3]}, "list or tuple of module names"),
+    ],
+)
+def test_invalid_spatial_averaging_rules_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SpatialAveraging(**kwargs)
 
 
 # ----------------------------------------------------------------------------- periods, decay, warm
@@ -452,6 +645,7 @@ def test_float32_runs_and_agrees_with_float64():
     _close([p.to(DT) for p in out["fast"]], _params(model), rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_fast_path_equals_reference():
     batches = [(x.cuda(), y.cuda()) for x, y in _batches(5)]
@@ -588,6 +782,22 @@ def test_non_finite_gradient_raises_and_changes_nothing(impl):
             )
     model[5].bias.grad.zero_()
     opt.step()
+
+
+def test_finite_gradients_whose_sum_overflows_are_stepped_on():
+    """The fast path screens each bucket's sum in float32: two finite 2e38 entries overflow it,
+    the exact check then finds nothing to refuse, and the step is taken."""
+    model = _net(dtype=torch.float32)
+    opt = MBF(model, lr=1e-36, damping=1e3, momentum=0.0, stat_period=10**9, inverse_period=10**9)
+    batches = _batches(2, dtype=torch.float32)
+    _train(model, opt, batches[:1])
+    opt.zero_grad()
+    _backward(model, batches[1])
+    model[5].weight.grad[:2, 0] = 2e38
+    assert not torch.isfinite(model[5].weight.grad.sum())
+    opt.step()
+    assert opt.state[model[5].weight]["step"] == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_missing_gradients():

@@ -22,7 +22,20 @@ Choices of ours, where the text is silent or lost:
   and ``"eigen"`` on the CNNs, as the paper describes; the paper's KFAC warm start is not done
   (:class:`~mbf_analysis.optim.KFAC` has none); its statistics start from 0;
 - MBF's warm start (the paper: one pass over the data set) on the autoencoders: one epoch of
-  batches, counted in the run's wall time; none on the CNNs (an epoch of CIFAR costs minutes);
+  batches, outside the run's clock (the log's ``warm_start`` row); none on the CNNs (an epoch
+  of CIFAR costs minutes);
+- MBF's spatial averaging (METHODS.md §3; the paper averages "the wide autoencoder layers" and
+  VGG's 4096-wide layers without a rule), an explicit option of every MBF preset
+  (``options["spatial_averaging"]``, a :class:`~mbf_analysis.methods.mbf.SpatialAveraging`):
+  :data:`AUTOENCODER_AVERAGING` on the autoencoders, every Linear layer whose input and output
+  widths are both ≥ 250 (MNIST: fc1, fc2, fc3, fc6, fc7, fc8; per-neuron blocks for fc4
+  250 → 30 and fc5 30 → 250; FACES: the same six; CURVES: fc1 784 → 400 and fc12 400 → 784),
+  and :data:`SIZE_AVERAGING` on the other problems, the size rule
+  ``n_out·(n_in + 1)² > 10⁸`` (the optimizer's default: VGG's three classifier layers, the
+  Simple CNN's fc1). On MNIST the width rule adds fc3 (500 → 250) and fc6 (250 → 500) to the
+  size rule's four layers: their 750 per-neuron blocks of size 501 and 251 held 719 of MBF's
+  768 MiB of state (51 MiB with the rule, momentum included) and made an amortized iteration
+  4.2× SGD-m's (1.6× with the rule; ``benchmarks/RESULTS.md``);
 - ``mlp-digits`` and ``fashion-cnn`` are not in the paper; their values are ours (tuned
   coarsely so that every optimizer lowers the loss, not searched).
 
@@ -43,19 +56,27 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from mbf_analysis.methods.mbf import DEFAULT_SPATIAL_THRESHOLD, SpatialAveraging
 from mbf_analysis.training.problems import PROBLEMS, Problem, get_problem
 
 __all__ = [
+    "AUTOENCODER_AVERAGING",
     "GRIDS",
     "OPTIMIZERS",
     "PRESETS",
     "Preset",
+    "SIZE_AVERAGING",
     "get_preset",
     "lr_at_epoch",
 ]
 
 OPTIMIZERS = ("mbf", "adam", "sgdm", "kfac", "shampoo")
 """Optimizer names, in the order of the paper's tables."""
+
+AUTOENCODER_AVERAGING = SpatialAveraging(min_width=250)
+"""MBF's spatial averaging on the autoencoders: Linear layers with both widths ≥ 250."""
+SIZE_AVERAGING = SpatialAveraging(threshold=DEFAULT_SPATIAL_THRESHOLD)
+"""MBF's spatial averaging on the other problems: ``n_out·(n_in + 1)² > 10⁸``."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,7 +96,8 @@ class Preset:
         lr_decay: The factor of that step schedule.
         warm_start_epochs: MBF only: epochs of batches averaged into ``F_b`` before the first
             step (0: none).
-        options: Further keyword arguments of the optimizer (e.g. ``damping_mode``).
+        options: Further keyword arguments of the optimizer (e.g. KFAC's ``damping_mode``,
+            MBF's ``spatial_averaging``).
         source: Where the values come from (``"Table 4"``, ``"Table 8"``, ``"ours"``).
     """
 
@@ -175,6 +197,15 @@ _KFAC_OPTIONS = {  # the paper's KFAC: true Fisher (labels sampled from the mode
 }
 
 
+def _options(optimizer: str, kfac_mode: str, averaging: SpatialAveraging) -> dict[str, Any]:
+    """The ``options`` of a preset: KFAC's true Fisher and damping mode, MBF's averaging rule."""
+    if optimizer == "kfac":
+        return dict(_KFAC_OPTIONS[kfac_mode])
+    if optimizer == "mbf":
+        return {"spatial_averaging": averaging}
+    return {}
+
+
 def _paper_presets() -> dict[tuple[str, str], Preset]:
     presets = {}
     for problem, row in _TABLE4.items():
@@ -187,7 +218,7 @@ def _paper_presets() -> dict[tuple[str, str], Preset]:
                 inverse_period=20 if curvature else None,
                 time_budget=_AE_BUDGET[problem],
                 warm_start_epochs=1 if opt == "mbf" else 0,
-                options=dict(_KFAC_OPTIONS["split"]) if opt == "kfac" else {},
+                options=_options(opt, "split", AUTOENCODER_AVERAGING),
                 source="Table 4",
             )
     for problem, row in _TABLE8.items():
@@ -202,7 +233,7 @@ def _paper_presets() -> dict[tuple[str, str], Preset]:
                 inverse_period=100 if curvature else None,
                 epochs=epochs,
                 lr_decay_every=every,
-                options=dict(_KFAC_OPTIONS["eigen"]) if opt == "kfac" else {},
+                options=_options(opt, "eigen", SIZE_AVERAGING),
                 source="Table 8",
             )
     return presets
@@ -212,7 +243,14 @@ def _our_presets() -> dict[tuple[str, str], Preset]:
     digits = {
         "sgdm": Preset(lr=0.05, epochs=30),
         "adam": Preset(lr=3e-3, damping=1e-8, epochs=30),
-        "mbf": Preset(lr=1e-3, damping=1e-3, stat_period=1, inverse_period=20, epochs=30),
+        "mbf": Preset(
+            lr=1e-3,
+            damping=1e-3,
+            stat_period=1,
+            inverse_period=20,
+            epochs=30,
+            options=_options("mbf", "split", SIZE_AVERAGING),
+        ),
         "kfac": Preset(
             lr=1e-2,
             damping=1e-2,
@@ -227,7 +265,13 @@ def _our_presets() -> dict[tuple[str, str], Preset]:
         "sgdm": Preset(lr=3e-2, weight_decay=1e-2, epochs=10),
         "adam": Preset(lr=3e-4, damping=1e-8, weight_decay=1e-1, epochs=10),
         "mbf": Preset(
-            lr=1e-4, damping=3e-3, weight_decay=1e-1, stat_period=10, inverse_period=100, epochs=10
+            lr=1e-4,
+            damping=3e-3,
+            weight_decay=1e-1,
+            stat_period=10,
+            inverse_period=100,
+            epochs=10,
+            options=_options("mbf", "eigen", SIZE_AVERAGING),
         ),
         "kfac": Preset(
             lr=3e-3,
