@@ -112,7 +112,7 @@ def _step_rows(path: Path) -> pd.DataFrame:
     )
 
 
-@pytest.mark.parametrize("optimizer", ["mbf", "kfac", "shampoo", "adam"])
+@pytest.mark.parametrize("optimizer", ["mbf", "kfac", "shampoo", "adam", "kpsvd"])
 def test_a_killed_run_resumes_bit_for_bit(optimizer, tmp_path, monkeypatch, digits):
     """Run A is uninterrupted; run B is SIGKILLed after 23 steps and resumed. MBF has its warm
     start, KFAC (the presets' true-Fisher KFAC) draws sampled labels, Shampoo has inverse roots
@@ -315,8 +315,8 @@ def _timed_optimizer(monkeypatch, clock: _FakeTime, *, wall: bool, cpu: bool, pe
     """Every step costs 1 s, and 10 s on steps ``k ≡ 0 (mod period)`` (the inverse steps)."""
     make = training_loop.make_optimizer
 
-    def timed(name, model, preset):
-        opt = make(name, model, preset)
+    def timed(name, model, preset, *args):
+        opt = make(name, model, preset, *args)
         original, count = opt.step, [0]
 
         def step(*args, **kwargs):

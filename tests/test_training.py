@@ -35,6 +35,12 @@ from mbf_analysis.training import (
     train,
 )
 from mbf_analysis.training import loop as training_loop
+from mbf_analysis.training.presets import (
+    FAST_OPTIMIZERS,
+    GENERIC_OPTIMIZERS,
+    KRONECKER_SCHEDULE,
+    PRESET_SETS,
+)
 
 matplotlib.use("Agg")
 
@@ -103,13 +109,41 @@ def test_cnn_dampings_and_periods_are_the_papers():
 
 
 def test_every_problem_and_optimizer_has_a_preset_and_a_grid():
-    assert {(p, o) for p in PROBLEMS for o in OPTIMIZERS} == set(PRESETS)
+    fast = {(p, o) for p in PROBLEMS for o in FAST_OPTIMIZERS}
+    mlps = ("mnist-ae", "curves-ae", "faces-ae", "mlp-digits")  # the Linear-only methods
+    generic = {(p, o) for p in mlps for o in GENERIC_OPTIMIZERS}
+    assert fast | generic == set(PRESETS)
+    assert set(OPTIMIZERS) == set(FAST_OPTIMIZERS) | set(GENERIC_OPTIMIZERS)
     for kind in ("autoencoder", "classifier"):
         assert set(GRIDS[kind]) == set(OPTIMIZERS)
     assert GRIDS["autoencoder"]["mbf"]["lr"] == (1e-7, 3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4)
     assert "damping" not in GRIDS["autoencoder"]["sgdm"]
     assert len(set(GRIDS["autoencoder"]["kfac"]["lr"])) == len(GRIDS["autoencoder"]["kfac"]["lr"])
     assert GRIDS["classifier"]["mbf"]["weight_decay"] == (1e-2, 3e-2, 1e-1, 3e-1, 1e0, 3e0, 1e1)
+
+
+def test_the_preset_sets_differ_only_where_the_paper_does_not_train():
+    assert PRESET_SETS["paper"] == {} and set(PRESET_SETS["ours"]) == {("mnist-ae", "mbf")}
+    for key in PRESETS:
+        paper, ours = get_preset(*key, presets="paper"), get_preset(*key, presets="ours")
+        assert paper == PRESETS[key]
+        assert (paper == ours) == (key != ("mnist-ae", "mbf"))
+    ours = get_preset("mnist-ae", "mbf")  # "ours" is the default
+    assert (ours.lr, ours.damping) == (3e-5, 1e-2) and "diverges" in ours.source
+    assert get_preset("mnist-ae", "mbf", presets="paper").lr == 1e-5
+    with pytest.raises(ValueError, match="unknown preset set"):
+        get_preset("mnist-ae", "mbf", presets="mine")
+
+
+def test_the_generic_optimizers_have_the_kronecker_schedule_on_mlps_only():
+    for (_problem, optimizer), preset in PRESETS.items():
+        if optimizer not in GENERIC_OPTIMIZERS:
+            continue
+        assert (preset.stat_period, preset.inverse_period) == (100, 100)
+        assert preset.options["fisher_fraction"] == KRONECKER_SCHEDULE["fisher_fraction"] == 0.25
+        assert preset.options["kl_clip"] == 0.01 and preset.options["momentum"] == 0.9
+    with pytest.raises(ValueError, match="Linear layers only"):
+        get_preset("resnet32-cifar10", "kpsvd")
 
 
 def test_get_preset_overrides_and_refuses_bad_values():
@@ -227,8 +261,8 @@ def test_training_kfac_records_sampled_label_statistics(monkeypatch, digits):
     and differs from an empirical-Fisher run (real labels), while ``A`` is the same."""
     made = []
 
-    def spy(name, model, preset):
-        made.append((make_optimizer(name, model, preset), model))
+    def spy(name, model, preset, *args):
+        made.append((make_optimizer(name, model, preset, *args), model))
         return made[-1][0]
 
     make_optimizer = training_loop.make_optimizer

@@ -9,7 +9,8 @@ order; ``tests/test_cli_startup.py`` checks that they stay equal:
 - :data:`METHODS`: :func:`mbf_analysis.methods.names`;
 - :data:`PROBLEMS`: :func:`mbf_analysis.training.problem_names`, and :data:`PROBLEM_DATA` the
   data set of each;
-- :data:`OPTIMIZERS`: :data:`mbf_analysis.training.OPTIMIZERS`;
+- :data:`OPTIMIZERS`: :data:`mbf_analysis.training.OPTIMIZERS`, and :data:`PRESET_SETS` the keys
+  of :data:`mbf_analysis.training.presets.PRESET_SETS`;
 - :data:`FISHER_KINDS`: :data:`mbf_analysis.curvature.FISHER_KINDS`.
 """
 
@@ -23,6 +24,7 @@ __all__ = [
     "METHODS",
     "MODELS",
     "OPTIMIZERS",
+    "PRESET_SETS",
     "PROBLEMS",
     "PROBLEM_DATA",
 ]
@@ -54,6 +56,7 @@ METHODS: tuple[str, ...] = (
     "deflation",
     "lanczos",
     "kfac-corrected",
+    "kfac-two-level",
 )
 
 PROBLEM_DATA: dict[str, str] = {
@@ -69,6 +72,20 @@ PROBLEM_DATA: dict[str, str] = {
 
 PROBLEMS: tuple[str, ...] = tuple(PROBLEM_DATA)
 
-OPTIMIZERS: tuple[str, ...] = ("mbf", "adam", "sgdm", "kfac", "shampoo")
+OPTIMIZERS: tuple[str, ...] = (
+    "mbf",
+    "adam",
+    "sgdm",
+    "kfac",
+    "shampoo",
+    "kfac-koroko",
+    "kpsvd",
+    "deflation",
+    "lanczos",
+    "kfac-corrected",
+    "kfac-two-level",
+)
+
+PRESET_SETS: tuple[str, ...] = ("ours", "paper")
 
 FISHER_KINDS: tuple[str, ...] = ("empirical", "exact", "mc")

@@ -89,10 +89,10 @@ from tqdm.auto import tqdm
 from mbf_analysis.data import Dataset, load_dataset
 from mbf_analysis.errors import NonFiniteError
 from mbf_analysis.models import build_model
-from mbf_analysis.optim import KFAC, MBF, Shampoo
+from mbf_analysis.optim import KFAC, MBF, MethodOptimizer, Shampoo
 from mbf_analysis.training.checkpoint import load_checkpoint, save_checkpoint
 from mbf_analysis.training.log import LOG_COLUMNS, CsvLog, keep_rows, read_log
-from mbf_analysis.training.presets import Preset, get_preset, lr_at_epoch
+from mbf_analysis.training.presets import GENERIC_OPTIMIZERS, Preset, get_preset, lr_at_epoch
 from mbf_analysis.training.problems import Problem, augment_batch, get_problem
 
 __all__ = [
@@ -130,7 +130,13 @@ def _decoupled_decay_hook(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
                 torch._foreach_mul_(params, 1.0 - group["lr"] * decay)
 
 
-def make_optimizer(name: str, model: nn.Module, preset: Preset) -> Optimizer:
+def make_optimizer(
+    name: str,
+    model: nn.Module,
+    preset: Preset,
+    likelihood: nn.Module | None = None,
+    seed: int = 0,
+) -> Optimizer:
     """The optimizer ``name`` for ``model`` with the preset's settings.
 
     - ``"sgdm"``: ``torch.optim.SGD`` (momentum 0.9, dampening 0) with decoupled weight decay
@@ -142,10 +148,15 @@ def make_optimizer(name: str, model: nn.Module, preset: Preset) -> Optimizer:
       ``true_fisher=True``, the paper's KFAC, and :func:`train` then runs the sampled-label
       backward pass),
       :class:`~mbf_analysis.optim.Shampoo` (``eps`` = damping), momentum 0.9, EMA decay 0.9,
-      the preset's periods and options.
+      the preset's periods and options;
+    - the :data:`~mbf_analysis.training.presets.GENERIC_OPTIMIZERS` (the Kronecker-SVD family,
+      two-level KFAC, ``"kfac-koroko"``): :class:`~mbf_analysis.optim.MethodOptimizer` with the
+      registry method, the preset's damping, periods and options (Fisher fraction, KL clip,
+      momentum, EMA), ``likelihood`` naming the predictive distribution, and its own generator
+      of sampled labels seeded with ``seed``.
 
     Raises:
-        ValueError: For an unknown name.
+        ValueError: For an unknown name, or a generic optimizer without ``likelihood``.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     curvature = {
@@ -171,7 +182,26 @@ def make_optimizer(name: str, model: nn.Module, preset: Preset) -> Optimizer:
         return KFAC(model, damping=preset.damping, **curvature)
     if name == "shampoo":
         return Shampoo(model, eps=preset.damping, **curvature)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of mbf, adam, sgdm, kfac, shampoo")
+    if name in GENERIC_OPTIMIZERS:
+        if likelihood is None:
+            raise ValueError(f"optimizer {name!r} needs the likelihood loss module")
+        options = dict(preset.options)
+        return MethodOptimizer(
+            model,
+            GENERIC_OPTIMIZERS[name],
+            lr=preset.lr,
+            loss_fn=likelihood,
+            weight_decay=preset.weight_decay,
+            fisher_fraction=options.pop("fisher_fraction", 0.25),
+            kl_clip=options.pop("kl_clip", None),
+            generator=seed,
+            damping=preset.damping,
+            stat_period=preset.stat_period,
+            inverse_period=preset.inverse_period,
+            **options,
+        )
+    known = ", ".join(("mbf", "adam", "sgdm", "kfac", "shampoo", *GENERIC_OPTIMIZERS))
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {known}")
 
 
 def run_name(optimizer: str, preset: Preset, seed: int) -> str:
@@ -496,7 +526,10 @@ class _Run:
         if sampled:
             opt.sampled_backward(outputs, self.likelihood, generator=self.generators["labels"])
         try:
-            opt.step()
+            if isinstance(opt, MethodOptimizer):
+                opt.step(inputs=x, targets=targets)
+            else:
+                opt.step()
         except NonFiniteError as err:
             raise self.diverged(str(err)) from err
         duration = self.budget_used() - started
@@ -602,6 +635,7 @@ def train(
     epochs: int | None = None,
     max_steps: int | None = None,
     budget_clock: BudgetClock = "wall",
+    presets: str = "ours",
     lr: float | None = None,
     damping: float | None = None,
     weight_decay: float | None = None,
@@ -628,11 +662,13 @@ def train(
     Args:
         problem: A name of :data:`~mbf_analysis.training.problems.PROBLEMS` or a
             :class:`~mbf_analysis.training.problems.Problem`.
-        optimizer: ``"mbf"``, ``"adam"``, ``"sgdm"``, ``"kfac"`` or ``"shampoo"``.
+        optimizer: A name of :data:`~mbf_analysis.training.presets.OPTIMIZERS`.
         time_budget: Seconds of training on ``budget_clock``.
         epochs: Epochs.
         max_steps: Steps.
         budget_clock: ``"wall"`` or ``"process"`` (CPU seconds of all threads).
+        presets: The preset set, ``"ours"`` or ``"paper"``
+            (:data:`~mbf_analysis.training.presets.PRESET_SETS`).
         lr: Replaces the preset's learning rate (the schedule scales it).
         damping: Replaces the preset's damping (``ε`` for Adam and Shampoo).
         weight_decay: Replaces the preset's decoupled weight decay.
@@ -666,7 +702,9 @@ def train(
         KeyboardInterrupt: After Ctrl-C, once the checkpoint is saved.
     """
     problem = get_problem(problem)
-    preset = get_preset(problem, optimizer, lr=lr, damping=damping, weight_decay=weight_decay)
+    preset = get_preset(
+        problem, optimizer, lr=lr, damping=damping, weight_decay=weight_decay, presets=presets
+    )
     _check_limits(time_budget, epochs, max_steps, budget_clock)
     if eval_samples is not None and eval_samples < 1:
         raise ValueError(f"eval_samples must be a positive integer, got {eval_samples}")
@@ -706,7 +744,7 @@ def train(
     saved = None
     if resume:
         saved = load_checkpoint(checkpoint_dir, run.run, run.settings)
-    run.opt = make_optimizer(optimizer, run.model, preset)
+    run.opt = make_optimizer(optimizer, run.model, preset, problem.likelihood_loss(), seed)
     try:
         if saved is not None:
             run.restore(saved)

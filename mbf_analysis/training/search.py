@@ -226,7 +226,7 @@ def grid_search(
     """
     problem = get_problem(problem)
     _check_optimizers([optimizer])
-    preset = get_preset(problem, optimizer)
+    preset = get_preset(problem, optimizer, presets=kwargs.get("presets", "ours"))
     if lrs is None and dampings is None and weight_decays is None:
         grid = GRIDS["autoencoder" if problem.is_autoencoder else "classifier"][optimizer]
         lrs, dampings, weight_decays = (
