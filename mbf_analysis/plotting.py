@@ -11,6 +11,8 @@ is shown, no backend is required; works under ``matplotlib.use("Agg")``), draws 
   panel per layer, smoothed by a rolling mean (paper Fig. 6).
 - :func:`plot_training_curves`: loss (or accuracy) of training runs against training time and
   epochs, one line per optimizer (paper Fig. 7, 8).
+- :func:`plot_approximation_errors`: the Fisher-approximation errors of each method along a
+  training run, one panel per layer (the Kronecker-SVD paper's figure).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = [
     "plot_cosines",
     "plot_heatmap_grid",
     "plot_inverse_heatmap",
+    "plot_approximation_errors",
     "plot_training_curves",
     "save_figure",
     "smooth_cosines",
@@ -473,6 +476,103 @@ def plot_training_curves(
     if len(ends):
         axes[0].plot([], [], "kx", label="diverged")
     axes[0].legend(frameon=False, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def plot_approximation_errors(
+    frame: pd.DataFrame,
+    *,
+    smoothing: int = 5,
+    layers: Sequence[str] | None = None,
+    methods: Sequence[str] | None = None,
+    ncols: int = 3,
+    panel_size: float = 2.1,
+    title: str | None = None,
+) -> Figure:
+    """The relative errors of each method's Fisher approximation along a trajectory.
+
+    One panel per layer (x: iteration; y: ``error = ‖F − F̂‖_F/‖F‖_F``, solid, and
+    ``singular_error``, the relative error of the leading singular values, dashed; both the
+    rolling mean over ``smoothing`` records), one colour per method, one legend; at most
+    ``ncols`` panels a row. The y axis is logarithmic when every drawn value is positive and they
+    span more than a decade. A method whose errors are all 0 (``bdf``) is left out of the panels
+    and named in the legend's title.
+
+    Args:
+        frame: Columns ``iteration, layer, method, error, singular_error``
+            (:data:`mbf_analysis.analysis.TRAJECTORY_COLUMNS`).
+        smoothing: Rolling-mean window in records (``1``: raw).
+        layers, methods: What to draw, in order (default: all, in order of appearance).
+        ncols: Panels per row.
+        panel_size: Height of a panel in inches.
+        title: Figure title.
+
+    Returns:
+        The figure.
+    """
+    if smoothing < 1:
+        raise ValueError(f"smoothing window must be a positive integer, got {smoothing}.")
+    missing = [c for c in ("iteration", "layer", "method", "error") if c not in frame.columns]
+    if missing:
+        raise ValueError(f"error frame lacks columns {missing}.")
+    layers = _pick(frame, "layer", layers)
+    methods = _pick(frame, "method", methods)
+    zero = [m for m in methods if bool((frame[frame.method == m].error.fillna(0) == 0).all())]
+    drawn = [m for m in methods if m not in zero]
+    kinds = [k for k in ("error", "singular_error") if k in frame.columns]
+    ncols = min(ncols, len(layers))
+    nrows = -(-len(layers) // ncols)
+    height = panel_size * nrows + 0.5 + (0.3 if title else 0.0)
+    fig = Figure(figsize=(1.12 * panel_size * ncols, height), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
+    colors = dict(zip(drawn, sns.color_palette(n_colors=max(len(drawn), 1)), strict=False))
+    styles = {"error": "-", "singular_error": "--"}
+    for ax, layer in zip(axes, layers, strict=False):
+        values = []
+        for method in drawn:
+            part = frame[(frame.layer == layer) & (frame.method == method)].sort_values("iteration")
+            for kind in kinds:
+                smoothed = part[kind].rolling(smoothing, min_periods=1).mean()
+                values.append(smoothed.dropna().to_numpy())
+                ax.plot(
+                    part.iteration,
+                    smoothed,
+                    color=colors[method],
+                    ls=styles[kind],
+                    lw=1.0,
+                    label=method if kind == "error" else None,
+                    gid=f"{method}:{kind}",
+                )
+        flat = np.concatenate(values) if values else np.array([])
+        if flat.size and (flat > 0).all() and flat.max() > 10 * flat.min():
+            ax.set_yscale("log")
+        ax.set_title(str(layer), fontsize=8)
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.set_ylabel(f"relative error (mean of {smoothing})", fontsize=7)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3, which="both")
+    for ax in axes[len(layers) :]:
+        ax.set_axis_off()
+    handles = [next(line for line in axes[0].lines if line.get_label() == m) for m in drawn]
+    labels = list(drawn)
+    if "singular_error" in kinds and drawn:
+        handles += [
+            axes[0].plot([], [], color="0.3", ls="-", lw=1.0)[0],
+            axes[0].plot([], [], color="0.3", ls="--", lw=1.0)[0],
+        ]
+        labels += ["‖F − F̂‖_F / ‖F‖_F", "leading singular values"]
+    legend = fig.legend(
+        handles,
+        labels,
+        loc="outside lower center",
+        ncols=min(len(labels), 4),
+        frameon=False,
+        fontsize=7,
+    )
+    if zero:
+        legend.set_title(f"0 by construction, not drawn: {', '.join(zero)}", prop={"size": 7})
     if title:
         fig.suptitle(title, fontsize=9)
     return fig

@@ -13,7 +13,11 @@ from torch.func import functional_call, vmap
 from mbf_analysis.curvature.collect import (
     GRAD,
     KFAC_FACTORS,
+    KFAC_FACTORS_EXACT,
     KFAC_FACTORS_SAMPLED,
+    KRON_SAMPLES,
+    KRON_SAMPLES_EXACT,
+    KRON_SAMPLES_SAMPLED,
     PER_SAMPLE_GRAD,
     SAMPLED_GRAD,
     STATISTICS,
@@ -21,7 +25,7 @@ from mbf_analysis.curvature.collect import (
     collect,
 )
 from mbf_analysis.curvature.losses import likelihood_of
-from mbf_analysis.errors import TrainModeError
+from mbf_analysis.errors import MemoryBudgetError, TrainModeError, UnsupportedModuleError
 from mbf_analysis.layout import model_layouts
 
 DT = torch.float64
@@ -88,12 +92,17 @@ NEEDS = [
     {SAMPLED_GRAD},
     {KFAC_FACTORS_SAMPLED},
     {PER_SAMPLE_GRAD, KFAC_FACTORS},
+    {KRON_SAMPLES},
+    {KRON_SAMPLES, KFAC_FACTORS, PER_SAMPLE_GRAD},
+    {KRON_SAMPLES_SAMPLED, SAMPLED_GRAD},
+    {KRON_SAMPLES_EXACT},
+    {KFAC_FACTORS_EXACT, PER_SAMPLE_GRAD},
     set(STATISTICS),
 ]
 
 
 @pytest.mark.parametrize("needs", NEEDS, ids=lambda n: "+".join(sorted(n)))
-def test_one_forward_and_one_backward_plus_one_for_sampled_labels(needs):
+def test_one_forward_and_one_backward_plus_one_for_sampled_labels_and_exact_rows(needs):
     model, x, y = _problem()
     calls = {"forward": 0, "backward": 0}
 
@@ -107,8 +116,9 @@ def test_one_forward_and_one_backward_plus_one_for_sampled_labels(needs):
     handle = model.register_forward_hook(count_forward)
     collect(model, nn.CrossEntropyLoss(), x, y, needs)
     handle.remove()
-    sampled = bool(needs & {SAMPLED_GRAD, KFAC_FACTORS_SAMPLED})
-    assert calls == {"forward": 1, "backward": 1 + int(sampled)}
+    sampled = bool(needs & {SAMPLED_GRAD, KFAC_FACTORS_SAMPLED, KRON_SAMPLES_SAMPLED})
+    exact = bool(needs & {KFAC_FACTORS_EXACT, KRON_SAMPLES_EXACT})  # one batched pass
+    assert calls == {"forward": 1, "backward": 1 + int(sampled) + int(exact)}
 
 
 @pytest.mark.parametrize("per_sample", [False, True])
@@ -205,3 +215,104 @@ def test_unknown_or_missing_statistics_are_named():
         stats.statistic(PER_SAMPLE_GRAD)
     with pytest.raises(ValueError, match="batch size"):
         collect(model, nn.CrossEntropyLoss(), x, y[:-1], {GRAD})
+
+
+# ----------------------------------------------------------------------------- Kronecker samples
+def _preactivation_jacobians(model, x):
+    """Per sample n: the network output's Jacobian with respect to each Linear pre-activation."""
+    names = [str(i) for i, m in enumerate(model) if isinstance(m, nn.Linear)]
+    out = {}
+    for n in range(len(x)):
+        for name in names:
+            idx = int(name)
+            head = model[: idx + 1]
+            tail = model[idx + 1 :]
+            s = head(x[n : n + 1]).detach()
+            out.setdefault(name, []).append(torch.func.jacrev(tail)(s)[0, :, 0, :])
+    return {name: torch.stack(j) for name, j in out.items()}  # [m, C, g]
+
+
+def _linear_inputs(model, x):
+    """ā_n of every Linear layer of a Sequential, ``[m, a]``."""
+    out, h = {}, x
+    for i, module in enumerate(model):
+        if isinstance(module, nn.Linear):
+            out[str(i)] = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], 1).detach()
+        h = module(h)
+    return out
+
+
+@pytest.mark.parametrize("loss_kind", list(LOSS_MODULES))
+def test_kron_samples_are_homogeneous_inputs_and_unscaled_output_gradients(loss_kind):
+    model, x, y = _problem(loss_kind, cnn=False)
+    loss_fn = LOSS_MODULES[loss_kind]()
+    gen = torch.Generator().manual_seed(4)
+    stats = collect(
+        model,
+        loss_fn,
+        x,
+        y,
+        {KRON_SAMPLES, KRON_SAMPLES_SAMPLED, KRON_SAMPLES_EXACT, PER_SAMPLE_GRAD, SAMPLED_GRAD},
+        generator=gen,
+    )
+    inputs = _linear_inputs(model, x)
+    jac = _preactivation_jacobians(model, x)
+    likelihood = likelihood_of(loss_fn)
+    f = model(x).detach()
+    with torch.no_grad():
+        y_hat = likelihood.sample_targets(f, torch.Generator().manual_seed(4))
+
+    def dloss(target):  # ∂ℓ_n/∂f_n with the METHODS §1 convention, [m, C]
+        f_req = f.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(likelihood.per_sample_loss(f_req, target).sum(), f_req)
+        return grad
+
+    hessian_roots = likelihood.sqrt_hessian(f)  # [m, C, C]
+    for name, layout in model_layouts(model).items():
+        real, sampled, exact = (
+            stats.kron_samples[name],
+            stats.kron_samples_sampled[name],
+            stats.kron_samples_exact[name],
+        )
+        torch.testing.assert_close(real.a, inputs[name])
+        assert sampled.a is real.a and exact.a is real.a
+        torch.testing.assert_close(real.delta, torch.einsum("nc,ncg->ng", dloss(y), jac[name]))
+        torch.testing.assert_close(
+            sampled.delta, torch.einsum("nc,ncg->ng", dloss(y_hat), jac[name])
+        )
+        # δ_nc = J_nᵀ s_nc: Γ_n = Σ_c δ_nc δ_ncᵀ = J_nᵀ H_n J_n.
+        torch.testing.assert_close(
+            exact.delta, torch.einsum("nck,ncg->nkg", hessian_roots, jac[name])
+        )
+        # The per-sample gradient of a Linear layer is δ_n ⊗ ā_n in METHODS §2 order.
+        grads = (real.delta.unsqueeze(2) * real.a.unsqueeze(1)).flatten(1)
+        torch.testing.assert_close(grads, stats.per_sample[name])
+        sampled_grad = (sampled.delta.unsqueeze(2) * sampled.a.unsqueeze(1)).flatten(1).mean(0)
+        torch.testing.assert_close(sampled_grad, stats.sampled_grad[name])
+        assert layout.kind == "linear"
+
+
+def test_exact_kfac_factor_averages_the_exact_rows_and_shares_a():
+    model, x, y = _problem()
+    stats = collect(
+        model, nn.CrossEntropyLoss(), x, y, {KFAC_FACTORS, KFAC_FACTORS_EXACT, KRON_SAMPLES_EXACT}
+    )
+    assert set(stats.kron_samples_exact) == {"5"}  # the Linear layer; Conv2d layers have none
+    rows = stats.kron_samples_exact["5"].rows
+    torch.testing.assert_close(stats.kfac_exact["5"].G, torch.einsum("ncg,nch->gh", rows, rows) / M)
+    for name, (a, _g) in stats.kfac_exact.items():
+        assert stats.kfac[name].A is a
+
+
+def test_exact_statistics_respect_the_memory_budget():
+    model, x, y = _problem(cnn=False)
+    with pytest.raises(MemoryBudgetError, match="output-Hessian columns.*fisher='true'"):
+        collect(model, nn.CrossEntropyLoss(), x, y, {KRON_SAMPLES_EXACT}, memory_budget=64)
+
+
+def test_kron_samples_need_two_dimensional_linear_inputs():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Flatten()).to(DT)
+    x, y = torch.randn(M, 2, 4, dtype=DT), torch.randn(M, 6, dtype=DT)
+    with pytest.raises(UnsupportedModuleError, match=r"'0' \(Linear\) need inputs of shape"):
+        collect(model, nn.MSELoss(), x, y, {KRON_SAMPLES})
+    collect(model, nn.MSELoss(), x, y, {KFAC_FACTORS})  # KFAC's factors cover this case

@@ -5,7 +5,10 @@ gradients from torch.func, the layer vectors in METHODS §2 order built explicit
 EFM EMA and MBF's block-diagonal EMA as explicit ``[d, d]`` matrices solved with
 ``torch.linalg.solve``, SGD-m's momentum, the cosine by its formula and the step
 ``θ ← θ − α d_BDF``. The remaining tests check determinism, resuming, the single collection pass
-per iteration, the minibatch sampler and the error messages.
+per iteration, the minibatch sampler and the error messages. The all-layer reference
+(``reference="full"``) is checked against the dense Fisher over all layers (empirical from
+torch.func per-sample gradients, exact ``(1/m) Σ J_nᵀ H_n J_n`` from torch.func Jacobians),
+``ζ* = F_λ⁻¹g`` by ``torch.linalg.solve``, and the one-shot SGD-m and BDF directions by hand.
 """
 
 import io
@@ -14,18 +17,20 @@ import pandas as pd
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, jacrev, vmap
 
 from mbf_analysis.analysis.cosine import (
     COLUMNS,
     DEFAULT_METHODS,
+    FULL_COLUMNS,
+    NETWORK,
     CosineConfig,
     CosineDivergedError,
     CosineRun,
     _cosine,
     cosine_trajectory,
 )
-from mbf_analysis.errors import NonFiniteError
+from mbf_analysis.errors import MemoryBudgetError, NonFiniteError
 
 DT = torch.float64
 N = 24
@@ -341,3 +346,217 @@ def test_config_validation(settings, error, match):
 def test_batch_larger_than_the_data_is_refused():
     with pytest.raises(ValueError, match="exceeds"):
         _run(CosineConfig(batch_size=N + 1))
+
+
+# ----------------------------------------------------------------------------- all-layer reference
+def _dense_fisher(net, params, x, y, kind):
+    """Dense ``F`` over both layers (§2 order) and ``g``, by torch.func, at ``params``."""
+
+    def out_one(p, xn):
+        return functional_call(net, p, (xn.unsqueeze(0),))[0]
+
+    def loss_one(p, xn, yn):
+        return nn.functional.cross_entropy(out_one(p, xn).unsqueeze(0), yn.unsqueeze(0))
+
+    g = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+    rows = torch.cat([_layer_vector(g[f"{k}.weight"], g[f"{k}.bias"]) for k in ("0", "2")], 1)
+    if kind == "empirical":
+        return rows.T @ rows / len(x), rows.mean(0), rows
+    jac = vmap(jacrev(out_one), in_dims=(None, 0))(params, x)
+    J = torch.cat([_layer_vector(jac[f"{k}.weight"], jac[f"{k}.bias"]) for k in ("0", "2")], -1)
+    p = torch.softmax(functional_call(net, params, (x,)), dim=1)
+    H = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+    return torch.einsum("ncd,nce,nef->df", J, H, J) / len(x), rows.mean(0), rows
+
+
+def _energy_error(zeta, star, F, lam):
+    def norm(v):
+        return float(v @ F @ v + lam * v @ v) ** 0.5
+
+    return norm(zeta - star) / norm(star)
+
+
+@pytest.mark.parametrize("solver", ["dense", "woodbury"])
+@pytest.mark.parametrize("kind", ["empirical", "exact"])
+def test_full_reference_matches_a_dense_computation(kind, solver):
+    lam, iterations = 0.05, 3
+    config = CosineConfig(
+        reference_solver=solver,
+        methods=["sgdm", "kfac", "kfac-two-level"],
+        batch_size=N,
+        damping=lam,
+        iterations=iterations,
+        reference="full",
+        fisher=kind,
+        method_options={"kfac-two-level": {"coarse": "residual"}},
+    )
+    run = _run(config)
+    assert config.compared == ("sgdm", "kfac", "kfac-two-level", "bdf")
+    assert run.methods["kfac"].config.fisher == kind and run.methods["kfac"].config.decay == 0.0
+    assert run.stepper is not run.methods["bdf"] and run.stepper.config.decay == 0.9
+    net = _problem()[0]
+    thetas = [{k: v.detach().clone() for k, v in run.model.named_parameters()}]
+    frame = run.run(
+        on_record=lambda rows: thetas.append(
+            {k: v.detach().clone() for k, v in run.model.named_parameters()}
+        ),
+        progress=False,
+    )
+    assert list(frame.columns) == list(FULL_COLUMNS)
+    _, x, y = _problem()
+    slices = {"0": slice(0, 16), "2": slice(16, 31), NETWORK: slice(0, 31)}
+    for k in range(iterations):
+        F, g, rows = _dense_fisher(net, thetas[k], x, y, kind)
+        eye = torch.eye(31, dtype=DT)
+        star = torch.linalg.solve(F + lam * eye, g)
+        empirical = rows.T @ rows / N  # BDF's blocks are empirical whatever the reference
+        bdf = torch.cat(
+            [
+                torch.linalg.solve(empirical[s, s] + lam * eye[s, s], g[s])
+                for s in (slices["0"], slices["2"])
+            ]
+        )
+        at_k = frame[frame.iteration == k]
+        assert list(at_k.layer.unique()) == ["0", "2", NETWORK]
+        for method, zeta in (("sgdm", g), ("bdf", bdf)):
+            for layer, part in slices.items():
+                row = at_k[(at_k.layer == layer) & (at_k.method == method)].iloc[0]
+                assert row.cosine == pytest.approx(_cos(zeta[part], star[part]), rel=1e-9)
+                expected = _energy_error(zeta[part], star[part], F[part, part], lam)
+                assert row.energy_error == pytest.approx(expected, rel=1e-9)
+        network = at_k[at_k.layer == NETWORK].set_index("method").energy_error
+        assert network["kfac-two-level"] <= network["kfac"] * (1 + 1e-9)
+        assert network["bdf"] > 0.0
+    losses = frame.groupby("iteration").loss.first()
+    reference = _run(CosineConfig(methods=["sgdm"], batch_size=N, damping=lam)).run(
+        iterations, progress=False
+    )
+    assert losses.equals(reference.groupby("iteration").loss.first())  # the same trajectory
+
+
+def test_full_reference_frame_layout_and_one_pass_per_iteration():
+    run = _run(CosineConfig(methods=["mbf", "sgdm"], batch_size=6, reference="full"))
+    calls = []
+    run.model.register_forward_hook(lambda *args: calls.append(1))
+    records = []
+    frame = run.run(2, on_record=records.append, progress=False)
+    assert len(calls) == 2  # the empirical F comes from the per-sample gradients BDF collects
+    assert list(frame.columns) == list(FULL_COLUMNS) and run.columns == FULL_COLUMNS
+    assert len(frame) == 2 * 3 * 3
+    assert list(frame.method.unique()) == ["mbf", "sgdm", "bdf"]
+    assert frame.energy_error.gt(0).all() and frame.cosine.between(-1, 1).all()
+    pd.testing.assert_frame_equal(pd.concat(records, ignore_index=True), frame)
+    stateful = _run(
+        CosineConfig(methods=["mbf", "bdf"], batch_size=6, reference="full", one_shot=False)
+    )
+    assert stateful.methods["bdf"] is stateful.stepper
+    assert not stateful.config.is_one_shot and stateful.methods["mbf"].config.decay == 0.9
+    assert stateful.run(1, progress=False).energy_error.notna().all()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"reference": "full", "methods": ["kfac-two-level", "mbf"]},
+        {"reference": "full", "one_shot": False, "fisher": "exact", "methods": ["kfac"]},
+        {"one_shot": True, "methods": ["bdf", "mbf"]},
+    ],
+)
+def test_resume_continues_identically_for_every_reference(settings):
+    config = CosineConfig(batch_size=7, **settings)
+    straight = _run(config).run(5, progress=False)
+    first = _run(config)
+    head = first.run(2, progress=False)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    second = _run(config)
+    second.load_state_dict(torch.load(buffer))
+    tail = second.run(3, progress=False)
+    pd.testing.assert_frame_equal(pd.concat([head, tail], ignore_index=True), straight)
+
+
+def test_resume_refuses_a_state_with_another_bdf_layout():
+    shared = _run(CosineConfig(methods=["bdf", "mbf"], batch_size=6)).state_dict()
+    apart = _run(CosineConfig(methods=["bdf", "mbf"], batch_size=6, one_shot=True))
+    assert "stepper" in apart.state_dict()
+    with pytest.raises(ValueError, match="separate BDF"):
+        apart.load_state_dict(shared)
+
+
+def test_one_shot_under_the_bdf_reference_compares_with_the_followed_bdf():
+    config = CosineConfig(methods=["bdf", "sgdm"], batch_size=6, one_shot=True)
+    frame = _run(config).run(3, progress=False)
+    assert list(frame.columns) == list(COLUMNS)
+    assert frame[frame.method == "bdf"].cosine.lt(1.0 - 1e-6).all()  # one-shot vs averaged
+    # A followed BDF without averaging (decay 0) is its one-shot form: cosine 1.
+    config = CosineConfig(
+        methods=["bdf"], batch_size=6, one_shot=True, method_options={"bdf": {"decay": 0.0}}
+    )
+    run = _run(config)
+    assert run.stepper is not run.methods["bdf"]
+    assert run.run(3, progress=False).cosine.sub(1.0).abs().lt(1e-12).all()
+
+
+def test_full_reference_refuses_a_fisher_over_the_budget(monkeypatch):
+    monkeypatch.setenv("MBF_MEMORY_BUDGET", "4K")
+    dense = CosineConfig(batch_size=6, reference="full", reference_solver="dense")
+    with pytest.raises(MemoryBudgetError, match=r"6×31 rows .*all 31 parameters \(31×31.*'bdf'"):
+        _run(dense)
+    assert not _run(CosineConfig(batch_size=6, reference="full"))._dense_reference  # R < D
+    monkeypatch.setenv("MBF_MEMORY_BUDGET", "1K")
+    with pytest.raises(MemoryBudgetError, match=r"Woodbury solve with 6×6 matrices"):
+        _run(CosineConfig(batch_size=6, reference="full"))
+    _run(CosineConfig(batch_size=6))  # the BDF reference needs no all-layer F
+
+
+def test_auto_solver_forms_the_fisher_when_it_has_more_rows_than_parameters():
+    exact = CosineConfig(batch_size=12, reference="full", fisher="exact")  # R = 12·3 > D = 31
+    run = _run(exact)
+    assert run._dense_reference
+    frame = run.run(2, progress=False)
+    woodbury = _run(CosineConfig(**{**vars(exact), "reference_solver": "woodbury"}))
+    other = woodbury.run(2, progress=False)
+    for column in ("cosine", "energy_error"):
+        torch.testing.assert_close(
+            torch.tensor(other[column].to_numpy()),
+            torch.tensor(frame[column].to_numpy()),
+            rtol=1e-9,
+            atol=1e-12,
+        )
+
+
+def test_full_reference_refuses_a_layer_named_like_the_network_rows():
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module(NETWORK, nn.Linear(3, 3))
+    x, y = torch.randn(8, 3), torch.randint(0, 3, (8,))
+    with pytest.raises(ValueError, match="rename the module"):
+        CosineRun(model, nn.CrossEntropyLoss(), x, y, CosineConfig(batch_size=4, reference="full"))
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"reference": "block"}, "reference must be one of"),
+        ({"reference": "full", "fisher": "mc"}, "fisher must be one of"),
+        ({"fisher": "exact"}, "needs reference='full'"),
+        ({"one_shot": 1}, "one_shot must be None or a bool"),
+        ({"reference_solver": "lu"}, "reference_solver must be one of"),
+    ],
+)
+def test_reference_settings_are_validated(settings, match):
+    with pytest.raises(ValueError, match=match):
+        CosineConfig(**settings)
+
+
+def test_method_options_take_precedence_over_the_reference_fisher():
+    config = CosineConfig(
+        methods=["kfac", "kpsvd"],
+        reference="full",
+        fisher="exact",
+        method_options={"kpsvd": {"fisher": "true"}},
+    )
+    built = config.build_methods()
+    assert built["kfac"].config.fisher == "exact" and built["kpsvd"].config.fisher == "true"
+    assert CosineConfig(methods=["kfac"]).build_methods()["kfac"].config.fisher == "true"

@@ -14,7 +14,12 @@ from torch import nn
 
 from mbf_analysis import methods
 from mbf_analysis.curvature import layer_fisher
-from mbf_analysis.curvature.collect import KFAC_FACTORS, KFAC_FACTORS_SAMPLED, collect
+from mbf_analysis.curvature.collect import (
+    KFAC_FACTORS,
+    KFAC_FACTORS_EXACT,
+    KFAC_FACTORS_SAMPLED,
+    collect,
+)
 from mbf_analysis.curvature.kfac import (
     from_matrix,
     input_factor,
@@ -166,6 +171,26 @@ def test_factors_match_curvlinops_up_to_the_documented_constants(loss, fisher_ty
         torch.testing.assert_close(op._gradient_covariances[name], g_scale * T * G)
 
 
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_exact_factors_match_curvlinops_type2_up_to_the_documented_constants(loss):
+    # curvlinops' "type-2" Fisher backpropagates the columns of the output-Hessian roots, as
+    # the exact pass of collect does; for MSE its Hessian is (2/C) I, ours I.
+    torch.manual_seed(8)
+    model = _cnn().to(DT)
+    x = torch.randn(M, 2, 4, 4, dtype=DT)
+    if loss == "cross_entropy":
+        loss_fn, y, g_scale = nn.CrossEntropyLoss(), torch.randint(0, 3, (M,)), 1.0
+    else:
+        loss_fn, y, g_scale = nn.MSELoss(), torch.randn(M, 3, dtype=DT), 2.0 / 3
+    op = _curvlinops(model, loss_fn, x, y, "type-2")
+    stats = collect(model, loss_fn, x, y, {KFAC_FACTORS_EXACT})
+    locations = {"0": 16, "2": 4, "4": 1}
+    for name, (A, G) in stats.kfac_exact.items():
+        T = locations[name]
+        torch.testing.assert_close(op._input_covariances[name], A / T)
+        torch.testing.assert_close(op._gradient_covariances[name], g_scale * T * G)
+
+
 def test_kronecker_products_match_curvlinops_dense_matrix():
     torch.manual_seed(3)
     model = _cnn().to(DT)
@@ -245,6 +270,24 @@ def test_deep_linear_gaussian_network_kfac_is_exact_for_any_batch_but_not_in_gen
     stats_ce = collect(model, nn.CrossEntropyLoss(), x, y_cls, {KFAC_FACTORS})
     layout = model_layouts(model)["0"]
     assert not torch.allclose(kron_layout_matrix(layout, *stats_ce.kfac["0"]), exact_ce["0"])
+
+
+def test_exact_kfac_is_the_exact_fisher_block_where_the_kronecker_structure_holds():
+    # One sample (any network), and a deep linear Gaussian network (any batch): KFAC on the
+    # exact Fisher then equals the exact Fisher block, with no sampling and no enumeration.
+    torch.manual_seed(9)
+    deep = _linear_net().to(DT)
+    tanh_net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    cases = [
+        (tanh_net, nn.CrossEntropyLoss(), torch.randn(1, 3, dtype=DT), torch.tensor([1])),
+        (deep, nn.MSELoss(), torch.randn(M, 3, dtype=DT), torch.randn(M, 2, dtype=DT)),
+    ]
+    for model, loss_fn, x, y in cases:
+        kfac = methods.get("kfac", fisher="exact", decay=0.0)
+        kfac.update(collect(model, loss_fn, x, y, kfac.needs))
+        exact = layer_fisher(model, loss_fn, x, y, kind="exact")
+        for name in exact:
+            torch.testing.assert_close(kfac.matrix(name), exact[name])
 
 
 # ----------------------------------------------------------------------------- method

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from mbf_analysis.linalg import (
+    add_gram_,
+    all_finite,
     damped_inverse,
     damped_solve,
     inverse_root,
@@ -201,6 +203,70 @@ def test_ill_conditioned_float32_falls_back_to_float64(caplog: pytest.LogCapture
     ]
 
 
+@pytest.mark.parametrize("zero_damping_block", [False, True])
+def test_trusted_damped_inverse_matches_the_checked_one(
+    zero_damping_block: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The KFAC fast path: the same chain, without the input checks and the symmetrization."""
+    regular = random_spd((4,), 3, cond=1e3, seed=30)
+    mats = torch.cat([regular, exact_singular(0.0).unsqueeze(0)])
+    lam = torch.tensor([1e-3, 0.1, 2.0, 5e-2, 0.0 if zero_damping_block else 1e-2], dtype=F64)
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        trusted = damped_inverse(mats, lam, trusted=True)
+    checked = damped_inverse(mats, lam)
+    assert rel_err(trusted, checked) < 1e-14
+    ref = torch.linalg.pinv(mats + lam[:, None, None] * eye_like(mats), hermitian=True, rtol=1e-10)
+    assert rel_err(trusted, ref) < 1e-9
+    messages = fallback_messages(caplog)
+    if zero_damping_block:  # the singular block without damping alone takes the eigh stage
+        assert messages == [
+            "1 of 5 blocks (s=3) failed Cholesky in torch.float64; 1 went to the float64 eigh "
+            "fallback"
+        ]
+    else:
+        assert messages == []
+
+
+def test_trusted_float32_block_that_needs_float64_falls_back() -> None:
+    m32 = symmetrize(random_spd((3,), 8, cond=1e12, seed=10).float())
+    m64 = m32.double()
+    lam = torch.linalg.eigvalsh(m64)[:, 0].neg().clamp_min(0) + 1e-9
+    a32 = m32 + lam.float()[:, None, None] * eye_like(m32)
+    assert (torch.linalg.cholesky_ex(a32).info != 0).any(), "test premise: float32 Cholesky fails"
+    out = damped_inverse(m32, lam, trusted=True)
+    assert torch.equal(out, damped_inverse(m32, lam))
+    assert rel_err(out, torch.linalg.inv(m64 + lam[:, None, None] * eye_like(m64))) < 1e-5
+
+
+def test_all_finite() -> None:
+    x = torch.randn(5, 7, dtype=F64, generator=gen(31))
+    assert all_finite(x) and all_finite([x, x[0], torch.ones(0)]) and all_finite([])
+    big = torch.full((4,), 3e38)  # finite float32 entries whose sum overflows
+    assert not bool(torch.isfinite(big.sum())), "test premise"
+    assert all_finite(big) and all_finite([big, x])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[2, 3] = bad
+        assert not all_finite(y)
+        assert not all_finite([x, y])
+    mixed = torch.tensor([float("inf"), -float("inf")])  # sums to NaN
+    assert not all_finite(mixed)
+
+
+@pytest.mark.parametrize("n", [1, 7, 150, 1001])
+def test_add_gram_matches_addmm(n: int) -> None:
+    x = torch.randn(40, n, dtype=F64, generator=gen(32)).T  # [n, 40], transposed strides
+    start = low_rank_psd((), n, 3, seed=33)
+    out = add_gram_(start.clone(), x, alpha=0.3)
+    ref = start.clone().addmm_(x, x.T, alpha=0.3)
+    assert rel_err(out, ref) < 1e-14
+    twice = add_gram_(add_gram_(torch.zeros(n, n, dtype=F64), x), x[:, :7], alpha=2.0)
+    assert rel_err(twice, x @ x.T + 2.0 * x[:, :7] @ x[:, :7].T) < 1e-14
+    view = torch.zeros(n + 1, n + 1, dtype=F64)
+    add_gram_(view[:n, :n], x)
+    assert rel_err(view[:n, :n], x @ x.T) < 1e-14 and not view[n].any() and not view[:, n].any()
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_input_raises(bad: float) -> None:
     mats = random_spd((2,), 3, cond=10.0, seed=11)
@@ -269,7 +335,7 @@ def test_inverse_root_newton_matches_eigh(
 ) -> None:
     mats = random_spd((2, 3), 12, cond=cond, seed=p) * 5.0
     with caplog.at_level(logging.DEBUG, logger=LOGGER):
-        out = inverse_root(mats, p, eps=1e-9)
+        out = inverse_root(mats, p, eps=1e-9, method="newton")
     assert fallback_messages(caplog) == [], "Newton should converge without fallback"
     assert out.shape == mats.shape
     assert rel_err(out, eigh_root(mats, p, 1e-9)) < 1e-9
@@ -278,7 +344,7 @@ def test_inverse_root_newton_matches_eigh(
 def test_inverse_root_float32_newton(caplog: pytest.LogCaptureFixture) -> None:
     mats = random_spd((4,), 20, cond=1e3, seed=13).float()
     with caplog.at_level(logging.DEBUG, logger=LOGGER):
-        out = inverse_root(mats, 4, eps=1e-4)
+        out = inverse_root(mats, 4, eps=1e-4, method="newton")
     assert fallback_messages(caplog) == []
     assert out.dtype == torch.float32
     assert rel_err(out, eigh_root(mats, 4, 1e-4)) < 1e-4
@@ -297,7 +363,7 @@ def test_inverse_root_falls_back_when_newton_stops_early(
 ) -> None:
     mats = random_spd((3,), 10, cond=1e4, seed=15)
     with caplog.at_level(logging.DEBUG, logger=LOGGER):
-        out = inverse_root(mats, 4, eps=1e-8, max_iter=1)
+        out = inverse_root(mats, 4, eps=1e-8, method="newton", max_iter=1)
     assert len(fallback_messages(caplog)) == 1
     assert "3 of 3" in fallback_messages(caplog)[0]
     assert rel_err(out, eigh_root(mats, 4, 1e-8)) < 1e-12
@@ -305,16 +371,89 @@ def test_inverse_root_falls_back_when_newton_stops_early(
 
 def test_inverse_root_ill_conditioned_float32_falls_back() -> None:
     mats = random_spd((2,), 16, cond=1e6, seed=16).float()
-    out = inverse_root(mats, 2, eps=1e-7)
+    out = inverse_root(mats, 2, eps=1e-7, method="newton")
     assert rel_err(out, eigh_root(mats, 2, 1e-7)) < 1e-5
 
 
-def test_inverse_root_singular_without_eps_is_pseudo_root() -> None:
+@pytest.mark.parametrize("method", ["auto", "newton", "eigh"])
+def test_inverse_root_singular_without_eps_is_pseudo_root(method: str) -> None:
     mats = low_rank_psd((), 7, 3, seed=17)
-    out = inverse_root(mats, 2)
+    out = inverse_root(mats, 2, method=method)
     assert torch.isfinite(out).all()
     pinv = torch.linalg.pinv(mats, hermitian=True, rtol=1e-10)
     assert rel_err(out @ out, pinv) < 1e-9
+
+
+@pytest.mark.parametrize("p", [2, 4, 6])
+def test_inverse_root_auto_on_cpu_is_the_eigh_root(p: int) -> None:
+    mats = random_spd((2, 3), 12, cond=1e6, seed=20 + p) * 5.0
+    assert torch.equal(inverse_root(mats, p, eps=1e-9), inverse_root(mats, p, 1e-9, method="eigh"))
+    assert rel_err(inverse_root(mats, p, eps=1e-9), eigh_root(mats, p, 1e-9)) < 1e-9
+
+
+def test_inverse_root_auto_float32_decomposes_in_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    mats = random_spd((3,), 40, cond=1e3, seed=24).float()
+    seen = []
+    eigh = torch.linalg.eigh
+
+    def spy(a: Tensor, *args: object, **kwargs: object) -> tuple[Tensor, Tensor]:
+        seen.append(a.dtype)
+        return eigh(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", spy)
+    out = inverse_root(mats, 4, eps=1e-4)
+    assert seen == [torch.float32]
+    assert out.dtype == torch.float32
+    # float32 accuracy, the same as the float32 Newton root (tested above)
+    assert rel_err(out, eigh_root(mats, 4, 1e-4)) < 1e-5
+    assert (
+        rel_err(inverse_root(mats, 4, eps=1e-4, method="newton"), eigh_root(mats, 4, 1e-4)) < 1e-4
+    )
+
+
+def test_inverse_root_auto_float32_resolves_the_small_eigenvalues() -> None:
+    """A rank-deficient float32 statistic: ``ε`` is below float32's eigenvalue resolution."""
+    g = torch.randn(200, 150, dtype=F64, generator=gen(26))
+    stat = (g @ g.T / 150).float()
+    ref = eigh_root(stat.double(), 4, 1e-4)
+    w32, q32 = torch.linalg.eigh(stat + 1e-4 * torch.eye(200))
+    plain = (q32 * w32.clamp_min(1e-4).pow(-0.25)) @ q32.T
+    assert rel_err(plain, ref) > 2e-4, "test premise: float32 eigenvalues lose ε"
+    assert rel_err(inverse_root(stat, 4, eps=1e-4), ref) < 1e-4
+    assert rel_err(inverse_root(stat, 4, eps=1e-4, method="newton"), ref) < 1e-4
+
+
+def test_inverse_root_auto_float32_redoes_failed_matrices_in_float64(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    mats = random_spd((3,), 10, cond=1e2, seed=25).float()
+    eigh = torch.linalg.eigh
+
+    def nan_for_the_middle_matrix(
+        a: Tensor, *args: object, **kwargs: object
+    ) -> tuple[Tensor, Tensor]:
+        w, q = eigh(a, *args, **kwargs)
+        if a.dtype == torch.float32:
+            q = q.clone()
+            q[1] = float("nan")
+        return w, q
+
+    monkeypatch.setattr(torch.linalg, "eigh", nan_for_the_middle_matrix)
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        out = inverse_root(mats, 2, eps=1e-4)
+    assert "1 of 3" in " ".join(fallback_messages(caplog))
+    assert torch.isfinite(out).all()
+    assert rel_err(out, eigh_root(mats, 2, 1e-4)) < 1e-5
+
+    def fail_in_float32(a: Tensor, *args: object, **kwargs: object) -> tuple[Tensor, Tensor]:
+        if a.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("did not converge")
+        return eigh(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", fail_in_float32)
+    out = inverse_root(mats, 2, eps=1e-4)
+    expected = inverse_root(mats, 2, eps=1e-4, method="eigh")
+    assert torch.equal(out, expected)
 
 
 def test_inverse_root_invalid_arguments() -> None:
@@ -487,6 +626,8 @@ def test_cuda_matches_cpu(dtype: torch.dtype, rtol: float) -> None:
     assert torch.isfinite(x).all()
     root = inverse_root(mats[:3].to(cuda), 4, eps=1e-4).cpu()
     assert rel_err(root, eigh_root(mats[:3], 4, 1e-4)) < rtol
+    newton = inverse_root(mats[:3].to(cuda), 4, eps=1e-4, method="newton").cpu()
+    assert torch.equal(root, newton), "method='auto' is Newton on CUDA"
     u = torch.randn(3, 10, dtype=dtype, generator=gen(45))
     w = woodbury_damped_solve(u.to(cuda), rhs[0].to(cuda).repeat(2)[:10], 1e-2).cpu()
     dense = u.double().T @ u.double() + 1e-2 * torch.eye(10, dtype=F64)

@@ -2,7 +2,10 @@
 
 Each method gives finite directions of the right shapes on a tiny MLP and a tiny CNN, survives a
 state_dict round trip (continuing after a load gives the same next direction), refuses NaN/Inf
-statistics naming the layer without touching its state, and validates its configuration.
+statistics naming the layer without touching its state, and validates its configuration. The
+Kronecker-SVD family (METHODS.md §6.1) and two-level KFAC (§6.2) are defined for Linear layers:
+they refuse the CNN by naming its Conv2d layer and are walked on an MLP with a BatchNorm layer
+instead.
 """
 
 import copy
@@ -15,8 +18,7 @@ from torch import nn
 
 from mbf_analysis import methods
 from mbf_analysis.curvature.collect import STATISTICS, collect
-from mbf_analysis.curvature.kfac import KronFactors
-from mbf_analysis.errors import NonFiniteError
+from mbf_analysis.errors import NonFiniteError, UnsupportedModuleError
 from mbf_analysis.layout import model_layouts
 
 DT = torch.float64
@@ -42,7 +44,35 @@ def _cnn():
     return model
 
 
-MODELS = {"mlp": (_mlp, (4,)), "cnn": (_cnn, (2, 4, 4))}
+def _mlp_bn():
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3))
+    model[1].running_mean.uniform_(-0.5, 0.5)
+    model[1].running_var.uniform_(0.5, 2.0)
+    return model
+
+
+MODELS = {"mlp": (_mlp, (4,)), "cnn": (_cnn, (2, 4, 4)), "mlp-bn": (_mlp_bn, (4,))}
+LINEAR_ONLY = frozenset({"kpsvd", "deflation", "lanczos", "kfac-corrected", "kfac-two-level"})
+"""Methods defined for Linear layers only (they refuse Conv2d layers by name)."""
+INDEFINITE = frozenset({"deflation", "lanczos", "kfac-corrected"})
+"""Methods whose matrix A₁⊗G₁ + A₂⊗G₂ is indefinite in general (METHODS.md §6.1)."""
+LAST_LAYER = {"mlp": "2", "cnn": "5", "mlp-bn": "3"}
+
+
+def _kind_for(name):
+    """The model a method is walked on when a test needs one with a normalization layer."""
+    return "mlp-bn" if name in LINEAR_ONLY else "cnn"
+
+
+def _refuses_conv(name):
+    """A Linear-only method refuses the CNN by naming its Conv2d layer, leaving no state."""
+    _, stats = _batches("cnn")
+    method = methods.get(name)
+    with pytest.raises(UnsupportedModuleError, match=r"layer '0' is an nn\.Conv2d"):
+        method.update(stats[0])
+    assert method.state == {} and method.step == 0
+    with pytest.raises(RuntimeError, match="update"):
+        method.direction()
 
 
 def _problem(kind, seed=0):
@@ -71,11 +101,41 @@ PERIODS = {
     "mbf-exact": {"inverse_period": 2},
     "kfac": {"inverse_period": 2, "damping_mode": "eigen"},
     "shampoo": {"inverse_period": 2},
+    "kpsvd": {"inverse_period": 2, "damping_mode": "eigen"},
+    "deflation": {"stat_period": 2, "inverse_period": 2},
+    "lanczos": {"inverse_period": 2, "lanczos_steps": 3},
+    "kfac-corrected": {"inverse_period": 2, "damping_mode": "split", "decay_warmup": False},
+    "kfac-two-level": {"stat_period": 2, "inverse_period": 2, "coarse": "spectral"},
 }
+STAT_FIELDS = (
+    "grad",
+    "per_sample",
+    "sampled_grad",
+    "kfac",
+    "kfac_sampled",
+    "kfac_exact",
+    "kron_samples",
+    "kron_samples_sampled",
+    "kron_samples_exact",
+)
 
 
 def test_registry_names():
-    assert NAMES == ["sgdm", "adam", "bdf", "mbf", "mbf-true", "mbf-exact", "kfac", "shampoo"]
+    assert NAMES == [
+        "sgdm",
+        "adam",
+        "bdf",
+        "mbf",
+        "mbf-true",
+        "mbf-exact",
+        "kfac",
+        "shampoo",
+        "kpsvd",
+        "deflation",
+        "lanczos",
+        "kfac-corrected",
+        "kfac-two-level",
+    ]
     with pytest.raises(KeyError, match="unknown method 'lbfgs'"):
         methods.get("lbfgs")
 
@@ -83,6 +143,9 @@ def test_registry_names():
 @pytest.mark.parametrize("kind", list(MODELS))
 @pytest.mark.parametrize("name", NAMES)
 def test_finite_directions_of_the_right_shapes(name, kind):
+    if name in LINEAR_ONLY and kind == "cnn":
+        _refuses_conv(name)
+        return
     model, stats = _batches(kind)
     layouts = model_layouts(model)
     method = methods.get(name)
@@ -96,7 +159,7 @@ def test_finite_directions_of_the_right_shapes(name, kind):
             assert d[layer].shape == (layout.dim,)
             assert bool(torch.isfinite(d[layer]).all())
     for before, after in zip(snapshot, stats, strict=True):  # the statistics are not modified
-        for field in ("grad", "per_sample", "sampled_grad", "kfac", "kfac_sampled"):
+        for field in STAT_FIELDS:
             for layer, value in getattr(before, field).items():
                 torch.testing.assert_close(getattr(after, field)[layer], value, rtol=0, atol=0)
     one_shot = methods.directions(model, nn.CrossEntropyLoss(), *_problem(kind)[1:], name)
@@ -106,6 +169,9 @@ def test_finite_directions_of_the_right_shapes(name, kind):
 @pytest.mark.parametrize("kind", list(MODELS))
 @pytest.mark.parametrize("name", NAMES)
 def test_matrix_is_a_symmetric_psd_layer_block(name, kind):
+    if name in LINEAR_ONLY and kind == "cnn":
+        _refuses_conv(name)
+        return
     model, stats = _batches(kind)
     method = methods.get(name)
     method.update(stats[0])
@@ -113,14 +179,15 @@ def test_matrix_is_a_symmetric_psd_layer_block(name, kind):
         mat = method.matrix(layer)
         assert mat.shape == (layout.dim, layout.dim)
         torch.testing.assert_close(mat, mat.T)
-        assert float(torch.linalg.eigvalsh(mat).min()) > -1e-10
+        if name not in INDEFINITE:
+            assert float(torch.linalg.eigvalsh(mat).min()) > -1e-10
     with pytest.raises(KeyError, match="unknown layer"):
         method.matrix("nope")
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_state_dict_round_trip_continues_identically(name):
-    _, stats = _batches("cnn")
+    _, stats = _batches(_kind_for(name))
     method = methods.get(name, **PERIODS.get(name, {}))
     method.update(stats[0])
     method.update(stats[1])
@@ -146,10 +213,15 @@ def _poisoned(stats, need, layer):
         "sampled_grad": "sampled_grad",
         "kfac_factors": "kfac",
         "kfac_factors_sampled": "kfac_sampled",
+        "kfac_factors_exact": "kfac_exact",
+        "kron_samples": "kron_samples",
+        "kron_samples_sampled": "kron_samples_sampled",
+        "kron_samples_exact": "kron_samples_exact",
     }[need]
     values = dict(getattr(stats, field))
-    if isinstance(values[layer], KronFactors):
-        values[layer] = KronFactors(values[layer].A, values[layer].G * float("nan"))
+    if isinstance(values[layer], tuple):  # KronFactors (A, G), KronSamples (ā, δ)
+        first, second = values[layer]
+        values[layer] = type(values[layer])(first, second * float("nan"))
     else:
         poisoned = values[layer].clone()
         poisoned.view(-1)[0] = float("inf")
@@ -160,13 +232,15 @@ def _poisoned(stats, need, layer):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_non_finite_statistics_are_refused_before_touching_the_state(name):
-    _, stats = _batches("cnn")
+    kind = _kind_for(name)
+    _, stats = _batches(kind)
+    last = LAST_LAYER[kind]
     method = methods.get(name)
     method.update(stats[0])
     before = copy.deepcopy(method.state_dict())
     for need in sorted(method.needs):
-        with pytest.raises(NonFiniteError, match=f"'{name}'.*layer '5'"):
-            method.update(_poisoned(stats[1], need, "5"))
+        with pytest.raises(NonFiniteError, match=f"'{name}'.*layer '{last}'"):
+            method.update(_poisoned(stats[1], need, last))
         after = method.state_dict()
         assert after["step"] == before["step"]
         for key, slot in before["state"].items():
@@ -215,6 +289,19 @@ BAD_CONFIGS = [
     ("shampoo", "decay", 1.0),
     ("shampoo", "stat_period", 0),
     ("shampoo", "root_method", "svd"),
+    ("kpsvd", "damping_mode", "both"),
+    ("kpsvd", "fisher", "mc"),
+    ("kpsvd", "tol", 0.0),
+    ("kpsvd", "decay_warmup", 1),
+    ("kpsvd", "solver", "dense"),
+    ("deflation", "damping_mode", "eigen"),
+    ("deflation", "max_iter", 0),
+    ("lanczos", "lanczos_steps", 1),
+    ("kfac-corrected", "denominator_floor", 0.0),
+    ("kfac-corrected", "decay", 1.0),
+    ("kfac-two-level", "coarse", "previous"),
+    ("kfac-two-level", "fisher", "mc"),
+    ("kfac-two-level", "stat_period", 0),
 ]
 
 
@@ -229,6 +316,8 @@ def test_unknown_or_fixed_settings_are_refused():
         methods.get("sgdm", dampning=0.1)
     with pytest.raises(TypeError, match="'statistic'"):
         methods.get("mbf-true", statistic="minibatch")
+    with pytest.raises(TypeError, match="'approximation'"):
+        methods.get("kpsvd", approximation="deflation")
     assert methods.config_class("mbf-exact") is methods.MBFConfig
 
 
@@ -248,17 +337,19 @@ def test_directions_applies_shared_and_per_method_settings():
         methods.directions(model, nn.CrossEntropyLoss(), x, y, ["sgdm"], kfac={"damping": 1.0})
 
 
-def test_one_shot_directions_use_this_batch_only():
-    model, x, y = _problem("cnn")
+@pytest.mark.parametrize("kind", ["cnn", "mlp-bn"])
+def test_one_shot_directions_use_this_batch_only(kind):
+    model, x, y = _problem(kind)
+    names = [n for n in NAMES if n not in LINEAR_ONLY] if kind == "cnn" else NAMES
     gen = torch.Generator().manual_seed(0)
-    out = methods.directions(model, nn.CrossEntropyLoss(), x, y, NAMES, generator=gen)
+    out = methods.directions(model, nn.CrossEntropyLoss(), x, y, names, generator=gen)
     stats = collect(model, nn.CrossEntropyLoss(), x, y, {"grad"})
     for layer, g in stats.grad.items():
         torch.testing.assert_close(out["sgdm"][layer], g)  # m = g
     # Calling again gives the same result: no state is carried between calls.
     again = methods.directions(
-        model, nn.CrossEntropyLoss(), x, y, NAMES, generator=torch.Generator().manual_seed(0)
+        model, nn.CrossEntropyLoss(), x, y, names, generator=torch.Generator().manual_seed(0)
     )
-    for name in NAMES:
+    for name in names:
         for layer in out[name]:
             torch.testing.assert_close(again[name][layer], out[name][layer])

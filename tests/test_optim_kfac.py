@@ -10,6 +10,7 @@ The true-Fisher step is also checked against an explicit computation: per-sample
 
 import copy
 import io
+import logging
 import warnings
 
 import pytest
@@ -21,9 +22,23 @@ from torch import nn
 
 from mbf_analysis import methods
 from mbf_analysis.curvature.collect import GRAD, KFAC_FACTORS, KFAC_FACTORS_SAMPLED, collect
+from mbf_analysis.curvature.kfac import (
+    apply_eigen_inverse,
+    eigen_inverse,
+    from_matrix,
+    split_inverse,
+    to_matrix,
+)
 from mbf_analysis.errors import NonFiniteError
-from mbf_analysis.layout import model_layouts
+from mbf_analysis.layout import layout_of, model_layouts
+from mbf_analysis.linalg import symmetrize
 from mbf_analysis.optim import KFAC, kfac_true_step
+from mbf_analysis.optim.kfac import (
+    batched_eigen_inverses,
+    batched_split_inverses,
+    split_weight_matrix,
+    weight_matrix,
+)
 
 CE = nn.CrossEntropyLoss()
 
@@ -433,3 +448,92 @@ def test_true_fisher_misuse_raises_naming_the_fix():
         plain.sampled_backward(model(x), CE)
     with pytest.raises(ValueError, match="no param group has true_fisher=True"):
         kfac_true_step(plain, model, CE, x, y)
+
+
+# --------------------------------------------------------------------------- fast paths
+
+
+def _spd(n, seed, dtype=DT, cond=1e3):
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    w = torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), n, dtype=torch.float64)
+    return symmetrize((q * w) @ q.T).to(dtype)
+
+
+def _layer_factors():
+    """Factors of five layers, three of the same sizes (batched together), and two lone sizes."""
+    sizes = [(9, 4), (7, 4), (7, 4), (7, 4), (12, 1)]
+    return [(_spd(a, 2 * i), _spd(g, 2 * i + 1) * 10.0**i) for i, (a, g) in enumerate(sizes)]
+
+
+@pytest.mark.parametrize("damping", [1e-3, 0.3])
+def test_batched_split_inverses_equal_split_inverse(damping):
+    factors = _layer_factors()
+    got = batched_split_inverses(factors, damping)
+    for (a, g), inverse in zip(factors, got, strict=True):
+        ref = split_inverse(a, g, damping)
+        torch.testing.assert_close(inverse.p_a, ref.p_a, rtol=1e-13, atol=0)
+        torch.testing.assert_close(inverse.p_g, ref.p_g, rtol=1e-13, atol=0)
+
+
+def test_batched_split_inverses_send_a_failing_block_down_the_chain(caplog):
+    """A float32 factor whose float32 Cholesky fails takes the fallback chain, alone."""
+    bad = _spd(8, 40, dtype=torch.float32, cond=1e12) * 1e6
+    damping = 1e-12  # √λ·π ≈ 1e-3 ≪ the rounding of bad's entries
+    factors = [
+        (bad, _spd(8, 41, torch.float32)),
+        (_spd(8, 42, torch.float32), _spd(8, 43, torch.float32)),
+    ]
+    with caplog.at_level(logging.DEBUG, logger="mbf_analysis.linalg"):
+        got = batched_split_inverses(factors, damping)
+    messages = [r.getMessage() for r in caplog.records if r.name == "mbf_analysis.linalg"]
+    assert len(messages) == 1
+    assert messages[0].startswith("1 of 4 blocks (s=8) failed Cholesky in torch.float32")
+    for (a, g), inverse in zip(factors, got, strict=True):
+        ref = split_inverse(a, g, damping)
+        assert torch.isfinite(inverse.p_a).all()
+        torch.testing.assert_close(inverse.p_a, ref.p_a, rtol=1e-6, atol=0)
+        torch.testing.assert_close(inverse.p_g, ref.p_g, rtol=1e-6, atol=0)
+
+
+def test_batched_eigen_inverses_equal_eigen_inverse():
+    factors = _layer_factors()
+    for (a, g), inverse in zip(factors, batched_eigen_inverses(factors), strict=True):
+        ref = eigen_inverse(a, g)
+        v = torch.randn(g.shape[0], a.shape[0], dtype=DT)
+        torch.testing.assert_close(
+            apply_eigen_inverse(inverse, v, 0.01),
+            apply_eigen_inverse(ref, v, 0.01),
+            rtol=1e-12,
+            atol=0,
+        )
+        torch.testing.assert_close(inverse.w_a, ref.w_a, rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(inverse.w_g, ref.w_g, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        nn.Linear(5, 3),
+        nn.Linear(5, 3, bias=False),
+        nn.Conv2d(2, 4, 3),
+        nn.Conv2d(2, 4, (1, 2), bias=False),
+    ],
+    ids=["linear", "linear-no-bias", "conv", "conv-no-bias"],
+)
+def test_weight_matrix_is_to_matrix(module):
+    layout = layout_of("layer", module)
+    gen = torch.Generator().manual_seed(50)
+    tensors = {
+        name: torch.randn(shape, generator=gen, dtype=DT)
+        for name, shape in zip(layout.param_names, layout.param_shapes, strict=True)
+    }
+    matrix = weight_matrix(layout, tensors)
+    assert torch.equal(matrix, to_matrix(layout, layout.flatten(tensors)))
+    parts = split_weight_matrix(layout, matrix)
+    reference = layout.unflatten(from_matrix(layout, matrix))
+    assert parts.keys() == reference.keys()
+    for name in parts:
+        assert (
+            torch.equal(parts[name], reference[name]) and parts[name].shape == tensors[name].shape
+        )

@@ -1,9 +1,22 @@
 """Analyses: each returns tidy pandas DataFrames (and matrices), never plots."""
 
+from mbf_analysis.analysis.approximation import (
+    APPROXIMATED,
+    DEFAULT_APPROXIMATIONS,
+    ERROR_COLUMNS,
+    TRAJECTORY_COLUMNS,
+    ApproximationConfig,
+    ApproximationRun,
+    approximation_errors,
+    approximation_trajectory,
+)
 from mbf_analysis.analysis.cosine import (
     COLUMNS,
     DEFAULT_METHODS,
+    FULL_COLUMNS,
+    NETWORK,
     REFERENCE,
+    REFERENCES,
     CosineConfig,
     CosineDivergedError,
     CosineRun,
@@ -13,9 +26,20 @@ from mbf_analysis.analysis.heatmap import InverseHeatmaps, ParameterSubset, inve
 from mbf_analysis.analysis.summary import fisher_summary, miniblock_mass
 
 __all__ = [
+    "APPROXIMATED",
+    "DEFAULT_APPROXIMATIONS",
+    "ERROR_COLUMNS",
+    "TRAJECTORY_COLUMNS",
+    "ApproximationConfig",
+    "ApproximationRun",
+    "approximation_errors",
+    "approximation_trajectory",
     "COLUMNS",
     "DEFAULT_METHODS",
+    "FULL_COLUMNS",
+    "NETWORK",
     "REFERENCE",
+    "REFERENCES",
     "CosineConfig",
     "CosineDivergedError",
     "CosineRun",

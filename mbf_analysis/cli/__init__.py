@@ -1,6 +1,6 @@
 """``mbf-analyze``: the command line. It parses, builds configurations and calls the library.
 
-One module per subcommand (``fisher``, ``heatmap``, ``cosine``, ``train``), each with
+One module per subcommand (``fisher``, ``heatmap``, ``cosine``, ``error``, ``train``), each with
 ``add_parser(sub)`` and ``run(args)``; :mod:`~mbf_analysis.cli.common` holds what they share and
 :mod:`~mbf_analysis.cli.run_folder` owns the output folder (refusal to overwrite, resume,
 ``run.json``).
@@ -31,7 +31,7 @@ __all__ = ["main", "build_parser"]
 
 PROG = "mbf-analyze"
 
-SUBCOMMANDS = ("fisher", "heatmap", "cosine", "train")
+SUBCOMMANDS = ("fisher", "heatmap", "cosine", "error", "train")
 """The subcommand modules of this package, in the order ``--help`` lists them (imported by
 :func:`build_parser`, so that a Ctrl-C while they load is caught by :func:`main`)."""
 

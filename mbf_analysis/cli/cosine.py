@@ -20,8 +20,6 @@ iteration exactly once.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,12 +38,11 @@ from mbf_analysis.cli.common import (
     positive_int,
     require_data,
 )
+from mbf_analysis.cli.recording import Recorder, recorded_rows
 from mbf_analysis.cli.run_folder import RunFolder
 
 if TYPE_CHECKING:
     import pandas as pd
-
-    from mbf_analysis.analysis import CosineRun
 
 CSV_NAME = "cosine.csv"
 STATE_NAME = "cosine_state.pt"
@@ -53,6 +50,9 @@ RUN_NAME = "run.json"
 FIGURE_NAME = "cosine"
 OUTPUTS = (CSV_NAME, STATE_NAME, f"{FIGURE_NAME}.png", f"{FIGURE_NAME}.pdf")
 """Every file ``cosine`` writes into ``--out`` (besides ``run.json``)."""
+
+_Recorder = Recorder
+"""The CSV and state recorder of this subcommand (a name the tests patch)."""
 
 COLLAPSE_RATIO = 1e-2
 """The loss has *collapsed* once it is below this fraction of its first value: from then on
@@ -231,71 +231,6 @@ def _saved_settings(record: dict[str, Any], folder: RunFolder, args: argparse.Na
     return saved
 
 
-# ----------------------------------------------------------------------------- CSV
-def _recorded_rows(path: Path, before: int) -> pd.DataFrame:
-    """The complete rows of ``path`` with ``iteration < before`` (others dropped)."""
-    import pandas as pd
-
-    from mbf_analysis.analysis import COLUMNS
-
-    if not path.is_file():
-        return pd.DataFrame(columns=list(COLUMNS))
-    lines = path.read_text().splitlines()
-    if not lines or lines[0].split(",") != list(COLUMNS):
-        raise UsageError(f"--resume: {path} is not a cosine CSV (header {lines[:1]})")
-    kept = [lines[0]]
-    for line in lines[1:]:
-        fields = next(csv.reader([line]), [])
-        if len(fields) != len(COLUMNS):
-            continue  # a line cut short when the process was killed
-        try:
-            iteration = int(fields[0])
-        except ValueError:
-            continue
-        if iteration < before:
-            kept.append(line)
-    return pd.read_csv(io.StringIO("\n".join(kept) + "\n"))
-
-
-class _Recorder:
-    """Appends each iteration's rows to the CSV and saves the state every ``checkpoint_every``
-    iterations, or (``None``) after any iteration that ends ``SAVE_INTERVAL_S`` after the last
-    save."""
-
-    SAVE_INTERVAL_S = 60.0
-
-    def __init__(self, out: Path, run: CosineRun, checkpoint_every: int | None) -> None:
-        self.csv = out / CSV_NAME
-        self.state = out / STATE_NAME
-        self.run = run
-        self.every = checkpoint_every
-        self.saved_at = time.perf_counter()
-
-    def start(self, rows: pd.DataFrame) -> None:
-        from mbf_analysis.analysis import COLUMNS
-
-        rows.to_csv(self.csv, index=False, columns=list(COLUMNS))
-
-    def __call__(self, rows: pd.DataFrame) -> None:
-        from mbf_analysis.analysis import COLUMNS
-
-        with self.csv.open("a") as fh:
-            rows.to_csv(fh, index=False, header=False, columns=list(COLUMNS))
-            fh.flush()
-        if self.every is None:
-            due = time.perf_counter() - self.saved_at >= self.SAVE_INTERVAL_S
-        else:
-            due = self.run.iteration % self.every == 0
-        if due:
-            self.save()
-
-    def save(self) -> None:
-        from mbf_analysis.checkpoints import atomic_save
-
-        atomic_save(self.run.state_dict(), self.state)
-        self.saved_at = time.perf_counter()
-
-
 # ----------------------------------------------------------------------------- output
 def median_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Median cosine per method (rows, in the run's order) and layer (columns)."""
@@ -399,12 +334,12 @@ def run(args: argparse.Namespace) -> None:
     )
     device = parse_device(args.device)
     analysis = CosineRun(model, nn.CrossEntropyLoss(), dataset.train_x, dataset.train_y, config)
-    recorder = _Recorder(out, analysis, args.checkpoint_every)
+    recorder = _Recorder(out / CSV_NAME, out / STATE_NAME, analysis, COLUMNS, args.checkpoint_every)
     folder.add_files(CSV_NAME, STATE_NAME)
     if record is not None:
         state = torch.load(out / STATE_NAME, map_location=device, weights_only=True)
         analysis.load_state_dict(state)
-        previous = _recorded_rows(out / CSV_NAME, analysis.iteration)
+        previous = recorded_rows(out / CSV_NAME, COLUMNS, analysis.iteration)
         print(f"resuming {out} at iteration {analysis.iteration} of {config.iterations}")
     else:
         previous = pd.DataFrame(columns=list(COLUMNS))

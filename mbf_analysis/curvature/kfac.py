@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from mbf_analysis.errors import UnsupportedModuleError
 from mbf_analysis.layout import LayerLayout
-from mbf_analysis.linalg import damped_inverse, split_damping_pi, symmetrize
+from mbf_analysis.linalg import add_gram_, damped_inverse, split_damping_pi, symmetrize
 
 __all__ = [
     "KronFactors",
@@ -204,15 +204,21 @@ def input_factor(module: nn.Module, x: Tensor) -> Tensor:
         ``[a, a]``, with the homogeneous coordinate last when the layer has a bias.
     """
     m = x.shape[0]
+    bias = module.bias is not None
+    if bias and not isinstance(module, nn.Conv2d):  # small inputs: append the 1 and take one Gram
+        rows = x.detach().reshape(-1, x.shape[-1])
+        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        return add_gram_(rows.new_zeros(rows.shape[1], rows.shape[1]), rows.T, alpha=1.0 / m)
     columns = _input_columns(module, x.detach())
-    gram = columns @ columns.T
-    if module.bias is None:
-        return gram / m
-    total = columns.sum(1)
-    count = torch.full((1, 1), float(columns.shape[1]), dtype=x.dtype, device=x.device)
-    top = torch.cat([gram, total.unsqueeze(1)], dim=1)
-    bottom = torch.cat([total.unsqueeze(0), count], dim=1)
-    return torch.cat([top, bottom], dim=0) / m
+    n = columns.shape[0]
+    out = columns.new_zeros(n + bias, n + bias)
+    add_gram_(out[:n, :n], columns, alpha=1.0 / m)  # (1/m) columns columnsᵀ, symmetric
+    if bias:
+        total = columns.sum(1) / m
+        out[:n, n] = total
+        out[n, :n] = total
+        out[n, n] = columns.shape[1] / m
+    return out
 
 
 def per_sample_inputs(name: str, module: nn.Linear, x: Tensor) -> Tensor:

@@ -1,8 +1,9 @@
 """Preconditioning methods behind one interface, and their registry (METHODS.md §3–4).
 
 >>> from mbf_analysis import methods
->>> methods.names()
-['sgdm', 'adam', 'bdf', 'mbf', 'mbf-true', 'mbf-exact', 'kfac', 'shampoo']
+>>> methods.names()  # doctest: +NORMALIZE_WHITESPACE
+['sgdm', 'adam', 'bdf', 'mbf', 'mbf-true', 'mbf-exact', 'kfac', 'shampoo', 'kpsvd',
+ 'deflation', 'lanczos', 'kfac-corrected', 'kfac-two-level']
 >>> mbf = methods.get("mbf", damping=1e-3)
 
 A method declares the statistics it needs (:attr:`Method.needs`);
@@ -22,11 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mbf_analysis.curvature.collect import Stats, collect
+from mbf_analysis.curvature.collect import DESCRIPTIONS, Stats, collect
+from mbf_analysis.methods import base as _base
 from mbf_analysis.methods.adam import Adam, AdamConfig
 from mbf_analysis.methods.base import Method, MethodConfig, momentum_
 from mbf_analysis.methods.bdf import BDF, BDFConfig
 from mbf_analysis.methods.kfac import KFAC, KFACConfig
+from mbf_analysis.methods.kronecker_svd import KroneckerSVD, KroneckerSVDConfig
 from mbf_analysis.methods.mbf import (
     MBF,
     BlockPlan,
@@ -39,6 +42,7 @@ from mbf_analysis.methods.mbf import (
 )
 from mbf_analysis.methods.sgdm import SGDM, SGDMConfig
 from mbf_analysis.methods.shampoo import Shampoo, ShampooConfig
+from mbf_analysis.methods.two_level import TwoLevelKFAC, TwoLevelKFACConfig
 
 __all__ = [
     "Adam",
@@ -48,6 +52,8 @@ __all__ = [
     "BlockPlan",
     "KFAC",
     "KFACConfig",
+    "KroneckerSVD",
+    "KroneckerSVDConfig",
     "MBF",
     "MBFConfig",
     "Method",
@@ -57,6 +63,8 @@ __all__ = [
     "Shampoo",
     "ShampooConfig",
     "Stats",
+    "TwoLevelKFAC",
+    "TwoLevelKFACConfig",
     "adam_like",
     "build_methods",
     "config_class",
@@ -87,7 +95,17 @@ _REGISTRY: dict[str, _Entry] = {
     "mbf-exact": _Entry(MBF, MBFConfig, {"statistic": "per_sample"}),
     "kfac": _Entry(KFAC, KFACConfig, {}),
     "shampoo": _Entry(Shampoo, ShampooConfig, {}),
+    "kpsvd": _Entry(KroneckerSVD, KroneckerSVDConfig, {"approximation": "kpsvd"}),
+    "deflation": _Entry(KroneckerSVD, KroneckerSVDConfig, {"approximation": "deflation"}),
+    "lanczos": _Entry(KroneckerSVD, KroneckerSVDConfig, {"approximation": "lanczos"}),
+    "kfac-corrected": _Entry(KroneckerSVD, KroneckerSVDConfig, {"approximation": "kfac-corrected"}),
+    "kfac-two-level": _Entry(TwoLevelKFAC, TwoLevelKFACConfig, {}),
 }
+
+# Stopgap until methods/base.py takes its statistic descriptions from collect.DESCRIPTIONS:
+# base.update names a statistic with NaN/Inf through its own table, which predates the
+# per-sample Kronecker statistics.
+_base._WHAT.update({k: v for k, v in DESCRIPTIONS.items() if k not in _base._WHAT})
 
 
 def names() -> list[str]:

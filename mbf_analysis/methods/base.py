@@ -139,7 +139,8 @@ class Method(ABC):
         name: The registry name (``"mbf"``, ``"kfac"``, ...).
         config: The validated configuration.
         needs: The statistics :meth:`update` reads (names from
-            :data:`~mbf_analysis.curvature.collect.STATISTICS`).
+            :data:`~mbf_analysis.curvature.collect.STATISTICS`); :meth:`next_needs` those the
+            next update reads.
         state: Per key (layer, block group or parameter) a dict of state tensors.
         step: Number of :meth:`update` calls so far (``k`` of the next update).
     """
@@ -159,8 +160,21 @@ class Method(ABC):
     def needs(self) -> frozenset[str]:
         """The statistics :meth:`update` reads."""
 
+    def next_needs(self) -> frozenset[str]:
+        """The statistics the next :meth:`update` reads (a subset of :attr:`needs`).
+
+        A front-end that collects only these (:func:`~mbf_analysis.curvature.collect.collect`
+        with ``needs=method.next_needs()``) saves the curvature pass on the steps a method's
+        periods skip. Default: :attr:`needs`, every statistic at every step. A method that reads
+        some statistics only on the steps its periods select (``k ≡ 0 mod T``) overrides this;
+        its :meth:`update` must then also accept statistics without the others.
+        """
+        return self.needs
+
     def update(self, stats: Stats) -> None:
         """Fold one minibatch's statistics into the state (first moment, curvature, inverses).
+
+        Only the statistics of :meth:`next_needs` are read (and checked).
 
         Raises:
             ValueError: If a needed statistic is missing or the layers differ from earlier
@@ -168,7 +182,7 @@ class Method(ABC):
             NonFiniteError: If a needed statistic holds NaN or Inf (the state is unchanged).
         """
         self._check_layouts(stats.layouts)
-        for need in sorted(self.needs):
+        for need in sorted(self.next_needs()):
             self._check_finite(stats.statistic(need), _WHAT[need])
         if self.layouts is None:
             self.layouts = dict(stats.layouts)

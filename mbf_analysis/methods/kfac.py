@@ -18,8 +18,11 @@ and, with inverses refreshed when ``k ≡ 0 (mod T2)``,
   eigendecompositions of ``A`` and ``G``.
 
 ``fisher="true"`` takes ``G`` from labels sampled from the model (one extra backward pass),
-``fisher="empirical"`` from the real labels. Layers without Kronecker factors (normalization
-layers) are left unpreconditioned: ``d = m`` **(choice)**, and their curvature matrix is ``I``.
+``fisher="empirical"`` from the real labels, ``fisher="exact"`` from the exact Fisher
+(``G = (1/(mT)) Σ_n Σ_t Σ_c δ_ntc δ_ntcᵀ`` over the ``C`` rows of the square-root GGN, one
+batched backward pass: deterministic, for comparisons with the Kronecker-SVD family). Layers
+without Kronecker factors (normalization layers) are left unpreconditioned: ``d = m``
+**(choice)**, and their curvature matrix is ``I``.
 """
 
 from __future__ import annotations
@@ -32,9 +35,16 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from mbf_analysis.curvature.collect import GRAD, KFAC_FACTORS, KFAC_FACTORS_SAMPLED, Stats
+from mbf_analysis.curvature.collect import (
+    GRAD,
+    KFAC_FACTORS,
+    KFAC_FACTORS_EXACT,
+    KFAC_FACTORS_SAMPLED,
+    Stats,
+)
 from mbf_analysis.curvature.kfac import (
     EigenInverse,
+    KronFactors,
     SplitInverse,
     apply_eigen_inverse,
     apply_split_inverse,
@@ -65,7 +75,7 @@ class KFACConfig(MethodConfig):
     Attributes:
         damping: ``λ > 0``.
         damping_mode: ``"split"`` (factored, with ``π``) or ``"eigen"`` (exact ``A ⊗ G + λI``).
-        fisher: ``"true"`` (sampled labels) or ``"empirical"`` (real labels).
+        fisher: ``"true"`` (sampled labels), ``"empirical"`` (real labels) or ``"exact"``.
         momentum: ``μ ∈ [0, 1)`` of the torch-style momentum that is preconditioned.
         dampening: ``τ ∈ [0, 1]``.
         decay: EMA decay ``β ∈ [0, 1)`` of ``A`` and ``G``.
@@ -75,7 +85,7 @@ class KFACConfig(MethodConfig):
 
     damping: float = 0.003
     damping_mode: Literal["split", "eigen"] = "split"
-    fisher: Literal["true", "empirical"] = "true"
+    fisher: Literal["true", "empirical", "exact"] = "true"
     momentum: float = 0.9
     dampening: float = 0.0
     decay: float = 0.9
@@ -92,7 +102,7 @@ class KFACConfig(MethodConfig):
     def __post_init__(self) -> None:
         check_range(self, "damping", low=0.0, low_open=True)
         check_choice(self, "damping_mode", ("split", "eigen"))
-        check_choice(self, "fisher", ("true", "empirical"))
+        check_choice(self, "fisher", ("true", "empirical", "exact"))
         check_range(self, "momentum", low=0.0, high=1.0, high_open=True)
         check_range(self, "dampening", low=0.0, high=1.0)
         check_range(self, "decay", low=0.0, high=1.0, high_open=True)
@@ -116,8 +126,23 @@ class KFAC(Method):
 
     @property
     def needs(self) -> frozenset[str]:
-        factors = KFAC_FACTORS_SAMPLED if self.config.fisher == "true" else KFAC_FACTORS
+        factors = {
+            "true": KFAC_FACTORS_SAMPLED,
+            "empirical": KFAC_FACTORS,
+            "exact": KFAC_FACTORS_EXACT,
+        }[self.config.fisher]
         return frozenset({GRAD, factors})
+
+    def kronecker_factors(self, layer: str) -> list[KronFactors]:
+        """The averaged ``[(A, G)]`` of a Linear or Conv2d layer: ``F̂ = A ⊗ G``.
+
+        Raises:
+            KeyError: For a layer without Kronecker factors.
+        """
+        slot = self.state.get(layer, {})
+        if "A" not in slot:
+            raise KeyError(f"layer {layer!r} has no Kronecker factors in method {self.name!r}.")
+        return [KronFactors(slot["A"], slot["G"])]
 
     def _update(self, stats: Stats) -> None:
         cfg = self.config

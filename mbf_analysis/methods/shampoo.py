@@ -13,8 +13,9 @@ order 1). For every mode ``i``, with the mode-``i`` unfolding ``G_(i) [n_i, ∏_
     R_i = (H_i + \epsilon I)^{-1/(2k)} \ \ (k \equiv 0 \bmod T_2),
 
 and the direction of the momentum ``M`` is ``D = M ×_1 R_1 ×_2 R_2 ⋯ ×_k R_k`` (for a matrix,
-``D = R_1 M R_2``). Roots come from :func:`~mbf_analysis.linalg.inverse_root` (coupled Newton,
-eigh fallback).
+``D = R_1 M R_2``). Roots come from :func:`~mbf_analysis.linalg.inverse_root` (by default
+``method="auto"``: an eigendecomposition on CPU, coupled Newton on CUDA), one batched call per
+size and order (:func:`grouped_inverse_roots`).
 
 The curvature matrix of a parameter is ``C = H_1^{1/k} ⊗ ⋯ ⊗ H_k^{1/k}`` (row-major ``vec``):
 ``vec D = C^{-1/2} vec M`` when ``ε = 0``, and in general ``vec D = C_ε^{-1/2} vec M`` with
@@ -24,15 +25,16 @@ matrices, permuted into METHODS §2 order.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from mbf_analysis.curvature.collect import GRAD, Stats
 from mbf_analysis.layout import LayerLayout
-from mbf_analysis.linalg import inverse_root, symmetrize
+from mbf_analysis.linalg import ROOT_METHODS, RootMethod, inverse_root, symmetrize
 from mbf_analysis.methods.base import (
     Method,
     MethodConfig,
@@ -42,7 +44,7 @@ from mbf_analysis.methods.base import (
     momentum_,
 )
 
-__all__ = ["ShampooConfig", "Shampoo", "tensor_dims", "mode_product"]
+__all__ = ["ShampooConfig", "Shampoo", "tensor_dims", "mode_product", "grouped_inverse_roots"]
 
 
 def tensor_dims(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -58,6 +60,38 @@ def mode_product(tensor: Tensor, matrix: Tensor, mode: int) -> Tensor:
     return torch.movedim(torch.tensordot(matrix, tensor, dims=([1], [mode])), 0, mode)
 
 
+def grouped_inverse_roots(
+    mats: Sequence[Tensor], powers: Sequence[int], eps: float, method: RootMethod
+) -> list[Tensor]:
+    """``[inverse_root(mats[i], powers[i], eps, method=method) for i ...]``, batched.
+
+    Matrices of the same shape, root, dtype and device go through one batched
+    :func:`~mbf_analysis.linalg.inverse_root` call (the list comprehension above is the
+    reference it is tested against).
+
+    Args:
+        mats: Symmetric PSD matrices ``[n_i, n_i]``.
+        powers: The root ``p_i`` of each.
+        eps: ``ε``, added to every matrix.
+        method: As for :func:`~mbf_analysis.linalg.inverse_root`.
+
+    Returns:
+        The roots ``(M_i + εI)^(-1/p_i)``, in the order of ``mats``.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, (mat, p) in enumerate(zip(mats, powers, strict=True)):
+        groups.setdefault((tuple(mat.shape), p, mat.dtype, mat.device), []).append(i)
+    out: list[Tensor] = [mats[0]] * len(mats)
+    for (_, p, _, _), index in groups.items():
+        if len(index) == 1:
+            out[index[0]] = inverse_root(mats[index[0]], p, eps, method=method)
+            continue
+        roots = inverse_root(torch.stack([mats[i] for i in index]), p, eps, method=method)
+        for i, root in zip(index, roots.unbind(0), strict=True):
+            out[i] = root
+    return out
+
+
 @dataclass(kw_only=True)
 class ShampooConfig(MethodConfig):
     """Configuration of :class:`Shampoo`.
@@ -69,7 +103,8 @@ class ShampooConfig(MethodConfig):
         dampening: ``τ ∈ [0, 1]``.
         stat_period: ``T1 ≥ 1``.
         inverse_period: ``T2 ≥ 1``.
-        root_method: ``"newton"`` (coupled Newton, eigh fallback) or ``"eigh"``.
+        root_method: ``"auto"`` (eigh on CPU, Newton on CUDA), ``"newton"`` (coupled Newton,
+            eigh fallback) or ``"eigh"`` (float64); see :func:`~mbf_analysis.linalg.inverse_root`.
     """
 
     eps: float = 1e-4
@@ -78,7 +113,7 @@ class ShampooConfig(MethodConfig):
     dampening: float = 0.0
     stat_period: int = 1
     inverse_period: int = 1
-    root_method: Literal["newton", "eigh"] = "newton"
+    root_method: RootMethod = "auto"
 
     ONE_SHOT: ClassVar[dict] = {
         "momentum": 0.0,
@@ -94,7 +129,7 @@ class ShampooConfig(MethodConfig):
         check_range(self, "dampening", low=0.0, high=1.0)
         check_period(self, "stat_period")
         check_period(self, "inverse_period")
-        check_choice(self, "root_method", ("newton", "eigh"))
+        check_choice(self, "root_method", ROOT_METHODS)
 
 
 class Shampoo(Method):
@@ -119,6 +154,7 @@ class Shampoo(Method):
 
     def _update(self, stats: Stats) -> None:
         cfg = self.config
+        due: list[tuple[dict[str, Tensor], int, int]] = []  # (state, mode, order) to re-root
         for layer, g in stats.grad.items():
             slot = self.state.setdefault(layer, {})
             slot["m"] = momentum_(slot.get("m"), g, cfg.momentum, cfg.dampening)
@@ -134,10 +170,16 @@ class Shampoo(Method):
                             param[key] = grad.new_zeros(grad.shape[i], grad.shape[i])
                         param[key].mul_(cfg.decay).addmm_(unfolded, unfolded.T, alpha=1 - cfg.decay)
                 if self._due(cfg.inverse_period):
-                    for i in range(order):
-                        param[f"R{i}"] = inverse_root(
-                            param[f"H{i}"], 2 * order, cfg.eps, method=cfg.root_method
-                        )
+                    due.extend((param, i, order) for i in range(order))
+        if due:
+            roots = grouped_inverse_roots(
+                [param[f"H{i}"] for param, i, _ in due],
+                [2 * order for _, _, order in due],
+                cfg.eps,
+                cfg.root_method,
+            )
+            for (param, i, _), root in zip(due, roots, strict=True):
+                param[f"R{i}"] = root
 
     def _first_moment(self) -> dict[str, Tensor]:
         return {layer: self.state[layer]["m"] for layer in self._require_layouts()}

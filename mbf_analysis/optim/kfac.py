@@ -42,8 +42,10 @@ record nothing under ``torch.no_grad()`` or on other steps. At step ``k``:
     A &\leftarrow \beta A + (1 - \beta) A_{\mathrm{batch}}, \quad
     G \leftarrow \beta G + (1 - \beta) G_{\mathrm{batch}} \quad (k \equiv 0 \bmod T_1),
 
-inverses refreshed when ``k ≡ 0 (mod T2)``, and for the momentum matrix ``M̄ = [M b]``
-``[g, a]`` (:func:`~mbf_analysis.curvature.kfac.to_matrix`):
+inverses refreshed when ``k ≡ 0 (mod T2)`` (all layers of a group together, one batched call
+per factor size: :func:`batched_split_inverses`, :func:`batched_eigen_inverses`), and for the
+momentum matrix ``M̄ = [M b]`` ``[g, a]`` (:func:`weight_matrix`, the matrix of
+:func:`~mbf_analysis.curvature.kfac.to_matrix`):
 
 - ``damping_mode="split"``: ``D = (G + π⁻¹√λ I)⁻¹ M̄ (A + π√λ I)⁻¹``,
   ``π² = (tr A / a) / (tr G / g)``, i.e. ``vec D = ((A + π√λ I) ⊗ (G + π⁻¹√λ I))⁻¹ vec M̄``;
@@ -66,7 +68,8 @@ optimizer's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -83,14 +86,12 @@ from mbf_analysis.curvature.kfac import (
     apply_eigen_inverse,
     apply_split_inverse,
     check_kfac_module,
-    eigen_inverse,
-    from_matrix,
     input_factor,
     output_factor,
-    split_inverse,
-    to_matrix,
 )
 from mbf_analysis.errors import NonFiniteError, UnsupportedModuleError
+from mbf_analysis.layout import LayerLayout
+from mbf_analysis.linalg import all_finite, damped_inverse, symmetrize
 from mbf_analysis.methods.base import momentum_
 from mbf_analysis.optim.common import (
     PlacedLayer,
@@ -107,7 +108,14 @@ from mbf_analysis.optim.common import (
     warn_fallback,
 )
 
-__all__ = ["KFAC", "kfac_true_step"]
+__all__ = [
+    "KFAC",
+    "kfac_true_step",
+    "batched_split_inverses",
+    "batched_eigen_inverses",
+    "weight_matrix",
+    "split_weight_matrix",
+]
 
 
 @dataclass(eq=False)
@@ -261,7 +269,9 @@ class KFAC(PlacedOptimizer):
     def _backward(self, record: _Record, module: nn.Module, batch: int, grad: Tensor) -> None:
         if self._sampled != self.param_groups[record.layer.group]["true_fisher"]:
             return
-        record.g_sum = _add(record.g_sum, output_factor(module, grad.detach() * batch))
+        # G of δ = m ∂L/∂s is m² times G of ∂L/∂s: scale the [g, g] factor, not the gradient.
+        factor = output_factor(module, grad.detach()).mul_(batch * batch)
+        record.g_sum = _add(record.g_sum, factor)
         record.g_count += 1
 
     def _after_load(self) -> None:
@@ -359,7 +369,8 @@ class KFAC(PlacedOptimizer):
         batch = self._batch_factors(active)
         for index in active:
             params = self.param_groups[index]["params"]
-            check_gradients(self.OWNER, {p: p.grad for p in params}, self._names)
+            if not all_finite([p.grad for p in params]):  # one fused check; then name the culprit
+                check_gradients(self.OWNER, {p: p.grad for p in params}, self._names)
         for index in active:
             self._step_group(index, batch)
         for record in self._records.values():
@@ -391,55 +402,72 @@ class KFAC(PlacedOptimizer):
                     f"'{record.layer.name}' before a statistics step; run the forward and backward "
                     "passes (with gradients enabled) between step() calls."
                 )
-            a, g = record.a_sum / record.a_count, record.g_sum / record.g_count
+            a = record.a_sum if record.a_count == 1 else record.a_sum / record.a_count
+            g = record.g_sum if record.g_count == 1 else record.g_sum / record.g_count
             if dist.is_available() and dist.is_initialized():
                 world = dist.get_world_size()
                 for factor in (a, g):
                     dist.all_reduce(factor)
                     factor.div_(world)
-            if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(g).all())):
-                raise NonFiniteError(
-                    f"{self.OWNER}: the Kronecker factors of layer '{record.layer.name}' contain "
-                    "NaN or Inf; the step was refused and nothing was changed."
-                )
             out[record.layer.name] = (a, g)
+        # One check of all the factors' sums; layer by layer only to name a non-finite one.
+        if not all_finite([f for pair in out.values() for f in pair]):
+            for name, (a, g) in out.items():
+                if not (all_finite(a) and all_finite(g)):
+                    raise NonFiniteError(
+                        f"{self.OWNER}: the Kronecker factors of layer '{name}' contain NaN or "
+                        "Inf; the step was refused and nothing was changed."
+                    )
         return out
 
     def _step_group(self, index: int, batch: dict[str, tuple[Tensor, Tensor]]) -> None:
         group = self.param_groups[index]
         k = self.state[group["params"][0]].get("step", 0)
         beta, lam = group["stat_decay"], group["damping"]
-        for p in group["params"]:
-            state = self.state[p]
-            buf = state["momentum_buffer"] if k > 0 else None
-            state["momentum_buffer"] = momentum_(buf, p.grad, group["momentum"], group["dampening"])
+        _momentum_all(
+            [self.state[p] for p in group["params"]],
+            [p.grad for p in group["params"]],
+            k,
+            group["momentum"],
+            group["dampening"],
+        )
+        layers = [layer for layer in self._layers if layer.group == index]
+        factored = [layer for layer in layers if layer.name in self._records]
+        averages, values = [], []
+        for layer in factored:
+            if layer.name in batch:
+                state = self.state[layer.params[0]]
+                for key, value in zip(("A", "G"), batch[layer.name], strict=True):
+                    if key not in state:
+                        state[key] = torch.zeros_like(value)
+                    averages.append(state[key])
+                    values.append(value)
+        if averages:  # F ← βF + (1 − β) F_batch for every factor at once
+            torch._foreach_mul_(averages, beta)
+            torch._foreach_add_(averages, values, alpha=1 - beta)
+        if k % group["inverse_period"] == 0 and factored:
+            states = [self.state[layer.params[0]] for layer in factored]
+            factors = [(state["A"], state["G"]) for state in states]
+            if group["damping_mode"] == "eigen":
+                inverses = batched_eigen_inverses(factors)
+            else:
+                inverses = batched_split_inverses(factors, lam)
+            for state, inverse in zip(states, inverses, strict=True):
+                state.update(inverse._asdict())
         directions: dict[Tensor, Tensor] = {}
-        for layer in self._layers:
-            if layer.group != index:
-                continue
+        for layer in layers:
             momenta = {n: self.state[p]["momentum_buffer"] for n, p in layer.named_params()}
             if layer.name not in self._records:
                 directions.update({p: momenta[n] for n, p in layer.named_params()})
                 continue
             state = self.state[layer.params[0]]
-            if layer.name in batch:
-                for key, value in zip(("A", "G"), batch[layer.name], strict=True):
-                    if key not in state:
-                        state[key] = torch.zeros_like(value)
-                    state[key].mul_(beta).add_(value, alpha=1 - beta)
-            if k % group["inverse_period"] == 0:
-                if group["damping_mode"] == "eigen":
-                    state.update(eigen_inverse(state["A"], state["G"])._asdict())
-                else:
-                    state.update(split_inverse(state["A"], state["G"], lam)._asdict())
-            layout = layer.layout
-            matrix = to_matrix(layout, layout.flatten(momenta))
+            matrix = weight_matrix(layer.layout, momenta)
             if group["damping_mode"] == "eigen":
                 inverse = EigenInverse(state["q_a"], state["w_a"], state["q_g"], state["w_g"])
                 solved = apply_eigen_inverse(inverse, matrix, lam)
             else:
                 solved = apply_split_inverse(SplitInverse(state["p_a"], state["p_g"]), matrix)
-            parts = layout.unflatten(from_matrix(layout, solved))
+            parts = split_weight_matrix(layer.layout, solved)
             directions.update({p: parts[n] for n, p in layer.named_params()})
         params = group["params"]
         decoupled_update_(
@@ -447,6 +475,135 @@ class KFAC(PlacedOptimizer):
         )
         for p in params:
             self.state[p]["step"] = k + 1
+
+
+def _momentum_all(
+    states: Sequence[dict[str, Any]], grads: Sequence[Tensor], k: int, mu: float, tau: float
+) -> None:
+    """``m ← μ m + (1 − τ) g`` (``m = g`` at ``k = 0``) for every parameter, fused.
+
+    :func:`~mbf_analysis.methods.base.momentum_` (the reference) on every ``(state, grad)``
+    pair, as two ``torch._foreach_*`` calls.
+    """
+    if k == 0:
+        for state, grad in zip(states, grads, strict=True):
+            state["momentum_buffer"] = momentum_(None, grad, mu, tau)
+        return
+    buffers = [state["momentum_buffer"] for state in states]
+    torch._foreach_mul_(buffers, mu)
+    torch._foreach_add_(buffers, list(grads), alpha=1.0 - tau)
+
+
+def weight_matrix(layout: LayerLayout, tensors: Mapping[str, Tensor]) -> Tensor:
+    """``W̄ = [W b]`` ``[g, a]`` from a layer's parameter-shaped tensors (name → tensor).
+
+    The same matrix as ``to_matrix(layout, layout.flatten(tensors))``
+    (:func:`~mbf_analysis.curvature.kfac.to_matrix`, the reference it is tested against)
+    without the round trip through the mini-block order.
+    """
+    weight = tensors[layout.param_names[0]]
+    matrix = weight.reshape(weight.shape[0], -1)
+    if not layout.has_bias:
+        return matrix
+    return torch.cat([matrix, tensors[layout.param_names[1]].unsqueeze(-1)], dim=-1)
+
+
+def split_weight_matrix(layout: LayerLayout, matrix: Tensor) -> dict[str, Tensor]:
+    """Inverse of :func:`weight_matrix`: ``[g, a]`` → name → parameter-shaped tensor.
+
+    The same as ``layout.unflatten(from_matrix(layout, matrix))``.
+    """
+    columns = matrix.shape[-1] - int(layout.has_bias)
+    out = {layout.param_names[0]: matrix[:, :columns].reshape(layout.param_shapes[0])}
+    if layout.has_bias:
+        out[layout.param_names[1]] = matrix[:, -1]
+    return out
+
+
+def batched_split_inverses(
+    factors: Sequence[tuple[Tensor, Tensor]], damping: float
+) -> list[SplitInverse]:
+    """``[split_inverse(A, G, λ) for A, G in factors]``, the damped inverses batched by size.
+
+    Every layer's ``π`` (:func:`~mbf_analysis.linalg.split_damping_pi`) and damped factors are
+    those of :func:`~mbf_analysis.curvature.kfac.split_inverse` (the reference it is tested
+    against); the ``2 L`` inverses ``(A + π√λ I)⁻¹``, ``(G + π⁻¹√λ I)⁻¹`` of equal size, dtype and
+    device go through one :func:`~mbf_analysis.linalg.damped_inverse` call with one damping per
+    block (``trusted=True``: the factors are symmetric by construction and the optimizer has
+    checked them finite), so the first Cholesky stage costs one call per size, and a block that
+    it rejects still moves on alone to the float64 and eigendecomposition stages.
+
+    Args:
+        factors: ``(A [a, a], G [g, g])`` per layer, finite.
+        damping: ``λ > 0``.
+
+    Returns:
+        One :class:`~mbf_analysis.curvature.kfac.SplitInverse` per layer.
+    """
+    root = math.sqrt(damping)
+    mats, dampings = [], []
+    for a, g in factors:
+        pi = _split_pi(a, g)
+        mats += [a, g]
+        dampings += [root * pi, root / pi]
+    inverses = _grouped(
+        mats,
+        lambda stack, index: damped_inverse(
+            stack,
+            torch.tensor([dampings[i] for i in index], dtype=torch.float64, device=stack.device),
+            trusted=True,
+        ),
+    )
+    return [SplitInverse(inverses[2 * i], inverses[2 * i + 1]) for i in range(len(factors))]
+
+
+def _split_pi(a: Tensor, g: Tensor) -> float:
+    """:func:`~mbf_analysis.linalg.split_damping_pi` for one layer, as a Python float.
+
+    The same float64 arithmetic on the same float32/float64 diagonal means, with two scalar
+    reads instead of a dozen tensor operations.
+    """
+    mean_a = float(a.diagonal().mean())
+    mean_g = float(g.diagonal().mean())
+    return math.sqrt(mean_a / mean_g) if mean_a > 0 and mean_g > 0 else 1.0
+
+
+def batched_eigen_inverses(factors: Sequence[tuple[Tensor, Tensor]]) -> list[EigenInverse]:
+    """``[eigen_inverse(A, G) for A, G in factors]``, one ``eigh`` call per size.
+
+    The decompositions of :func:`~mbf_analysis.curvature.kfac.eigen_inverse` (the reference it is
+    tested against): symmetrized factors, eigenvalues clamped at 0.
+    """
+    mats = [m for pair in factors for m in pair]
+
+    def decompose(stack: Tensor, index: list[int]) -> tuple[Tensor, Tensor]:
+        w, q = torch.linalg.eigh(symmetrize(stack))
+        return q, w.clamp_min(0)
+
+    pairs = _grouped(mats, decompose)
+    return [EigenInverse(*pairs[2 * i], *pairs[2 * i + 1]) for i in range(len(factors))]
+
+
+def _grouped(mats: Sequence[Tensor], fn: Callable[[Tensor, list[int]], Any]) -> list[Any]:
+    """``fn`` on the stack of each set of equal shape, dtype and device; results per matrix.
+
+    ``fn(stack [B, s, s], index)`` returns a tensor ``[B, …]`` or a tuple of them; the result
+    for ``mats[index[b]]`` is entry ``b`` (of each).
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, mat in enumerate(mats):
+        groups.setdefault((tuple(mat.shape), mat.dtype, mat.device), []).append(i)
+    out: list[Any] = [None] * len(mats)
+    for index in groups.values():
+        stack = (
+            mats[index[0]].unsqueeze(0)
+            if len(index) == 1
+            else torch.stack([mats[i] for i in index])
+        )
+        result = fn(stack, index)
+        for b, i in enumerate(index):
+            out[i] = tuple(r[b] for r in result) if isinstance(result, tuple) else result[b]
+    return out
 
 
 def kfac_true_step(

@@ -12,7 +12,10 @@ tensor of order ``k`` (:func:`~mbf_analysis.methods.shampoo.tensor_dims`: Conv2d
     D &= M \times_1 R_1 \cdots \times_k R_k, \qquad
     \theta \leftarrow (1 - \alpha\gamma)\,\theta - \alpha D,
 
-with :func:`~mbf_analysis.linalg.inverse_root` for the roots (coupled Newton, eigh fallback) and
+with :func:`~mbf_analysis.linalg.inverse_root` for the roots (``root_method="auto"``: an
+eigendecomposition in the parameter's precision on CPU, coupled Newton on CUDA; all roots of a
+group that share size and order in one batched call,
+:func:`~mbf_analysis.methods.shampoo.grouped_inverse_roots`) and
 :func:`~mbf_analysis.methods.shampoo.mode_product` for ``×_i``.
 
 State per parameter: ``"step"``, ``"momentum_buffer"``, ``"H0"``, ``"H1"``, … and ``"R0"``, ….
@@ -21,14 +24,14 @@ State per parameter: ``"step"``, ``"momentum_buffer"``, ``"H0"``, ``"H1"``, … 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from mbf_analysis.linalg import inverse_root
+from mbf_analysis.linalg import ROOT_METHODS, RootMethod
 from mbf_analysis.methods.base import momentum_
-from mbf_analysis.methods.shampoo import mode_product, tensor_dims
+from mbf_analysis.methods.shampoo import grouped_inverse_roots, mode_product, tensor_dims
 from mbf_analysis.optim.common import (
     CheckedLoad,
     check_choice,
@@ -57,7 +60,9 @@ class Shampoo(CheckedLoad):
         weight_decay: Decoupled ``γ ≥ 0`` (per group).
         stat_period: ``T1 ≥ 1`` (per group).
         inverse_period: ``T2 ≥ 1`` (per group).
-        root_method: ``"newton"`` (coupled Newton, eigh fallback) or ``"eigh"`` (per group).
+        root_method: ``"auto"`` (eigh on CPU, Newton on CUDA), ``"newton"`` (coupled Newton,
+            eigh fallback) or ``"eigh"`` (float64), per group; see
+            :func:`~mbf_analysis.linalg.inverse_root`.
 
     Raises:
         TypeError: For a parameter that is not float32/float64.
@@ -78,7 +83,7 @@ class Shampoo(CheckedLoad):
         weight_decay: float = 0.0,
         stat_period: int = 10,
         inverse_period: int = 100,
-        root_method: Literal["newton", "eigh"] = "newton",
+        root_method: RootMethod = "auto",
     ) -> None:
         self._names: dict[Tensor, str] = {}
         if isinstance(params, nn.Module):
@@ -102,7 +107,7 @@ class Shampoo(CheckedLoad):
         owner = self.OWNER
         check_curvature_settings(owner, group, index)
         check_number(owner, index, "eps", group["eps"], low=0.0)
-        check_choice(owner, "root_method", group["root_method"], ("newton", "eigh"))
+        check_choice(owner, "root_method", group["root_method"], ROOT_METHODS)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group (validated)."""
@@ -140,33 +145,52 @@ class Shampoo(CheckedLoad):
         for group in active:
             params = group["params"]
             k = self.state[params[0]].get("step", 0)
-            directions = [self._precondition(group, p, k) for p in params]
+            for p in params:
+                self._accumulate(group, p, k)
+            if k % group["inverse_period"] == 0:
+                self._refresh_roots(group)
+            directions = [self._direction(p) for p in params]
             decoupled_update_(params, directions, group["lr"], group["weight_decay"])
             for p in params:
                 self.state[p]["step"] = k + 1
         return loss
 
-    def _precondition(self, group: dict[str, Any], p: Tensor, k: int) -> Tensor:
-        """Update the state of ``p`` with its gradient and return its direction ``D``."""
+    def _accumulate(self, group: dict[str, Any], p: Tensor, k: int) -> None:
+        """Update the momentum and (on statistics steps) the ``H_i`` of ``p``."""
         state = self.state[p]
         buf = state["momentum_buffer"] if k > 0 else None
         state["momentum_buffer"] = momentum_(buf, p.grad, group["momentum"], group["dampening"])
+        if k % group["stat_period"] != 0:
+            return
         dims = tensor_dims(tuple(p.shape))
         grad = p.grad.reshape(dims)
-        order = len(dims)
-        if k % group["stat_period"] == 0:
-            beta = group["stat_decay"]
-            for i in range(order):
-                unfolded = torch.movedim(grad, i, 0).reshape(dims[i], -1)
-                if f"H{i}" not in state:
-                    state[f"H{i}"] = grad.new_zeros(dims[i], dims[i])
-                state[f"H{i}"].mul_(beta).addmm_(unfolded, unfolded.T, alpha=1 - beta)
-        if k % group["inverse_period"] == 0:
-            for i in range(order):
-                state[f"R{i}"] = inverse_root(
-                    state[f"H{i}"], 2 * order, group["eps"], method=group["root_method"]
-                )
+        beta = group["stat_decay"]
+        for i in range(len(dims)):
+            unfolded = torch.movedim(grad, i, 0).reshape(dims[i], -1)
+            if f"H{i}" not in state:
+                state[f"H{i}"] = grad.new_zeros(dims[i], dims[i])
+            state[f"H{i}"].mul_(beta).addmm_(unfolded, unfolded.T, alpha=1 - beta)
+
+    def _refresh_roots(self, group: dict[str, Any]) -> None:
+        """``R_i = (H_i + εI)^(-1/(2k))`` for every parameter of the group, batched by size."""
+        due: list[tuple[dict[str, Tensor], int, int]] = []  # (state, mode, order)
+        for p in group["params"]:
+            order = len(tensor_dims(tuple(p.shape)))
+            due += [(self.state[p], i, order) for i in range(order)]
+        roots = grouped_inverse_roots(
+            [state[f"H{i}"] for state, i, _ in due],
+            [2 * order for _, _, order in due],
+            group["eps"],
+            group["root_method"],
+        )
+        for (state, i, _), root in zip(due, roots, strict=True):
+            state[f"R{i}"] = root
+
+    def _direction(self, p: Tensor) -> Tensor:
+        """``D = M ×_1 R_1 ⋯ ×_k R_k`` for the momentum ``M`` of ``p``."""
+        state = self.state[p]
+        dims = tensor_dims(tuple(p.shape))
         direction = state["momentum_buffer"].reshape(dims)
-        for i in range(order):
+        for i in range(len(dims)):
             direction = mode_product(direction, state[f"R{i}"], i)
         return direction.reshape(p.shape)

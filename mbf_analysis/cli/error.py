@@ -1,0 +1,420 @@
+"""``mbf-analyze error``: how well each method's curvature matrix approximates the Fisher, along
+a training trajectory (the Kronecker-SVD paper's figure;
+:mod:`mbf_analysis.analysis.approximation`).
+
+A torch optimizer (``--trajectory``, Adam by default, as in the paper) trains the network; every
+``--every`` iterations, before the step, each method's one-shot matrix ``F̂`` of every chosen
+Linear layer is compared with that batch's Fisher block ``F`` of the kind ``--fisher`` (``true``:
+one label sampled from the model per input, the paper's Fisher; ``empirical``; ``exact``):
+``error = ‖F − F̂‖_F / ‖F‖_F`` and ``singular_error``, the relative error of the vector of the
+leading singular values.
+
+Files in ``--out`` (default ``runs/error-<dataset>-<model>``, or ``runs/error-<problem>``):
+
+- ``error.csv``: the tidy rows (``iteration, loss, layer, method, fisher, error,
+  singular_error, clamped, fisher_norm, path``), appended after every record;
+- ``error_state.pt``: the resumable state, written atomically once a minute (or every
+  ``--checkpoint-every`` iterations), at the start and at the end;
+- ``run.json`` and ``error.png``/``.pdf`` (one panel per layer, both error kinds, smoothed).
+
+``--resume --out DIR`` continues a run with its saved settings (a larger ``--iterations``
+extends it); every recorded iteration appears once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from mbf_analysis.cli.choices import DATASETS, MODELS, PROBLEM_DATA
+from mbf_analysis.cli.common import (
+    DEFAULT_MODEL,
+    UsageError,
+    add_data_dir,
+    add_download,
+    add_out,
+    add_threads,
+    apply_threads,
+    csv_list,
+    positive_float,
+    positive_int,
+    require_data,
+)
+from mbf_analysis.cli.recording import Recorder, recorded_rows
+from mbf_analysis.cli.run_folder import RunFolder
+
+CSV_NAME = "error.csv"
+STATE_NAME = "error_state.pt"
+FIGURE_NAME = "error"
+OUTPUTS = (CSV_NAME, STATE_NAME, f"{FIGURE_NAME}.png", f"{FIGURE_NAME}.pdf")
+
+APPROXIMATED = (
+    "kfac",
+    "kpsvd",
+    "deflation",
+    "lanczos",
+    "kfac-corrected",
+    "mbf",
+    "mbf-true",
+    "mbf-exact",
+    "bdf",
+)
+"""Methods with a matrix (:data:`mbf_analysis.analysis.APPROXIMATED`; a test keeps them equal)."""
+
+MLP_PROBLEMS = ("mlp-digits", "mnist-ae", "curves-ae", "faces-ae")
+"""The training problems whose networks are Linear layers only (the methods' domain)."""
+
+DEFAULTS: dict[str, Any] = {
+    "problem": None,
+    "dataset": "digits",
+    "model": None,
+    "methods": ["kfac", "kpsvd", "deflation", "lanczos", "kfac-corrected", "mbf", "mbf-exact"],
+    "fisher": "true",
+    "trajectory": "adam",
+    "lr": 1e-3,
+    "iterations": 300,
+    "every": 10,
+    "batch_size": 256,
+    "fisher_batch_size": None,
+    "layers": None,
+    "seed": 0,
+    "dtype": "float64",
+}
+"""Settings without ``--problem``: the embedded digits, offline, well under a minute."""
+
+PROBLEM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mnist-ae": {"batch_size": 512, "iterations": 2500, "dtype": "float32"},
+    "curves-ae": {"batch_size": 512, "iterations": 2500, "dtype": "float32"},
+    "faces-ae": {"batch_size": 512, "iterations": 2500, "dtype": "float32"},
+    "mlp-digits": {},
+}
+"""``--problem``: the paper's setting for the autoencoders (batch 512, one-sample MC Fisher,
+Adam at lr 1e-3, float32 training); explicit options override it."""
+
+SETTINGS = tuple(DEFAULTS)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``error`` on the subcommand parsers."""
+    parser = sub.add_parser(
+        "error",
+        help="how well each method's matrix approximates the Fisher, along a training run",
+        description="Train the network with a torch optimizer (--trajectory, default adam) and "
+        "record every --every iterations, per Linear layer and method, the relative error "
+        "‖F − F̂‖_F / ‖F‖_F of the method's one-shot matrix against that batch's Fisher of the "
+        "kind --fisher, and the relative error of the leading singular values (the "
+        "Kronecker-SVD paper's figure). Writes error.csv (appended as it runs), error_state.pt, "
+        "run.json and error.png/.pdf. Without options it runs on the embedded digits data.",
+    )
+    parser.add_argument(
+        "--problem",
+        choices=MLP_PROBLEMS,
+        default=None,
+        help="a training problem (its data, network and loss); mnist-ae: the paper's setting "
+        "(batch 512, one-sample MC Fisher)",
+    )
+    parser.add_argument("--dataset", choices=DATASETS, default=None, help="data set (digits)")
+    parser.add_argument(
+        "--model", choices=MODELS, default=None, help="network (default: the data set's)"
+    )
+    add_data_dir(parser)
+    add_download(parser)
+    parser.add_argument(
+        "--methods",
+        type=csv_list,
+        default=None,
+        help=f"comma-separated, from {', '.join(APPROXIMATED)} "
+        f"(default: {','.join(DEFAULTS['methods'])}; bdf is 0 by construction)",
+    )
+    parser.add_argument(
+        "--fisher",
+        choices=["true", "empirical", "exact"],
+        default=None,
+        help="the Fisher of the reference and of every method: true (one label sampled from "
+        "the model per input, the paper's), empirical (real labels) or exact (default: true)",
+    )
+    parser.add_argument(
+        "--trajectory",
+        default=None,
+        help="the torch.optim optimizer that trains the network, e.g. adam, sgd (default: adam)",
+    )
+    parser.add_argument(
+        "--lr", type=positive_float, default=None, help="its learning rate (default: 1e-3)"
+    )
+    parser.add_argument(
+        "--iterations", type=positive_int, default=None, help="training iterations (300)"
+    )
+    parser.add_argument(
+        "--every", type=positive_int, default=None, help="iterations between records (10)"
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=None, help="training minibatch (256)"
+    )
+    parser.add_argument(
+        "--fisher-batch-size",
+        type=positive_int,
+        default=None,
+        help="samples of the minibatch the errors are computed on (default: all)",
+    )
+    parser.add_argument(
+        "--layers", type=csv_list, default=None, help="Linear layers recorded (default: all)"
+    )
+    parser.add_argument("--seed", type=int, default=None, help="seed (default: 0)")
+    parser.add_argument(
+        "--dtype", choices=["float32", "float64"], default=None, help="precision (float64)"
+    )
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    add_threads(parser)
+    add_out(parser, resumable=True, default="default: runs/error-<problem or data-model>")
+    parser.add_argument(
+        "--checkpoint-every",
+        type=positive_int,
+        default=None,
+        help="iterations between saves of error_state.pt (default: once a minute)",
+    )
+    parser.add_argument(
+        "--smoothing",
+        type=positive_int,
+        default=5,
+        help="rolling-mean window of the figure, in records (default: 5)",
+    )
+    parser.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="hide the progress bar"
+    )
+    parser.set_defaults(run=run)
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    return {key: getattr(args, key) for key in SETTINGS if getattr(args, key) is not None}
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Defaults, then the problem's, then the explicit options."""
+    settings = dict(DEFAULTS)
+    if args.problem is not None:
+        if args.dataset is not None or args.model is not None:
+            raise UsageError("--problem sets the data and the network; drop --dataset/--model")
+        settings.update(PROBLEM_DEFAULTS[args.problem])
+        settings["dataset"] = PROBLEM_DATA[args.problem]
+    settings.update(_given(args))
+    unknown = [m for m in settings["methods"] if m not in APPROXIMATED]
+    if unknown or not settings["methods"]:
+        raise UsageError(
+            f"--methods {','.join(settings['methods'])}: unknown {', '.join(unknown) or 'empty'}; "
+            f"choose from {', '.join(APPROXIMATED)}"
+        )
+    if settings["seed"] < 0:
+        raise UsageError(f"--seed {settings['seed']}: must be 0 or more")
+    fisher_batch = settings["fisher_batch_size"]
+    if fisher_batch is not None and fisher_batch > settings["batch_size"]:
+        raise UsageError(
+            f"--fisher-batch-size {fisher_batch} exceeds --batch-size {settings['batch_size']}"
+        )
+    return settings
+
+
+def _default_out(settings: dict[str, Any]) -> Path:
+    if settings["problem"] is not None:
+        return Path("runs") / f"error-{settings['problem']}"
+    model = settings["model"] or DEFAULT_MODEL.get(settings["dataset"], "model")
+    return Path("runs") / f"error-{settings['dataset']}-{model}"
+
+
+def _saved(record: dict[str, Any], folder: RunFolder, args: argparse.Namespace) -> dict:
+    if not (folder.path / STATE_NAME).is_file() or not isinstance(record.get("settings"), dict):
+        raise UsageError(
+            f"--resume: no saved state in {folder.path} ({STATE_NAME} missing); start it "
+            "without --resume (and --overwrite)"
+        )
+    saved = dict(record["settings"])
+    clash = {k: v for k, v in _given(args).items() if k != "iterations" and v != saved.get(k)}
+    if args.problem is not None and args.problem != saved.get("problem"):
+        clash["problem"] = args.problem
+    if clash:
+        shown = ", ".join(f"{k}={v!r} (saved {saved.get(k)!r})" for k, v in clash.items())
+        raise UsageError(
+            f"--resume continues the run in {folder.path} with its saved settings, but {shown}; "
+            "drop those options or start a new run with another --out"
+        )
+    if args.iterations is not None:
+        saved["iterations"] = args.iterations
+    return saved
+
+
+def _problem_parts(settings: dict[str, Any], data_folder: str | None, device: str):
+    """The data set, the seeded model and the likelihood loss module; targets as a function of
+    the inputs and labels (an autoencoder's are its inputs, flattened)."""
+    import torch
+    from torch import nn
+
+    from mbf_analysis.cli.common import dataset_and_model
+    from mbf_analysis.data import load_dataset
+    from mbf_analysis.models import build_model
+    from mbf_analysis.training import get_problem
+
+    dtype = getattr(torch, settings["dtype"])
+    if settings["problem"] is None:
+        args = argparse.Namespace(
+            **{k: settings[k] for k in ("dataset", "model", "seed", "dtype")},
+            data_dir=data_folder,
+            download=False,
+            device=device,
+        )
+        dataset, model_name, model = dataset_and_model(args)
+        return dataset, model_name, model.train(), nn.CrossEntropyLoss(), dataset.train_y
+    problem = get_problem(settings["problem"])
+    dataset = load_dataset(problem.dataset, data_folder)
+    torch.manual_seed(settings["seed"])
+    model = build_model(problem.model, **problem.model_kwargs).to(device=device, dtype=dtype)
+    targets = problem.targets(dataset.train_x, dataset.train_y)
+    return dataset, problem.model, model.train(), problem.likelihood_loss(), targets
+
+
+def _record(folder: RunFolder, settings, args, status: str, timings, data_folder) -> None:
+    folder.write_record(
+        {
+            "status": status,
+            "settings": settings,
+            "data_folder": data_folder,
+            "options": {
+                "device": args.device,
+                "threads": args.threads,
+                "checkpoint_every": args.checkpoint_every,
+                "smoothing": args.smoothing,
+            },
+            "timings_s": timings,
+        }
+    )
+
+
+def median_table(frame):
+    """Median ``error`` per method (rows, in the run's order) and layer (columns)."""
+    methods = list(dict.fromkeys(frame.method))
+    layers = list(dict.fromkeys(frame.layer))
+    table = frame.pivot_table(index="method", columns="layer", values="error", aggfunc="median")
+    return table.reindex(index=methods, columns=layers)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run (or resume) the analysis; see the module docstring for the files."""
+    if args.resume and args.out is None:
+        raise UsageError("--resume needs --out, the folder of the run to continue")
+    given = None if args.resume else _settings(args)
+    out = args.out or _default_out(given)
+    folder = RunFolder(out, "error", OUTPUTS, resumable=True)
+    record = folder.claim(resume=args.resume, overwrite=args.overwrite)
+    if record is not None:
+        settings = _saved(record, folder, args)
+        data_dir = args.data_dir or record.get("data_folder")
+    else:
+        settings, data_dir = given, args.data_dir
+    data_folder = require_data(settings["dataset"], data_dir, args.download)
+    data_folder = None if data_folder is None else str(data_folder)
+
+    import pandas as pd
+    import torch
+
+    from mbf_analysis.analysis import (
+        TRAJECTORY_COLUMNS,
+        ApproximationConfig,
+        ApproximationRun,
+    )
+    from mbf_analysis.cli.common import check_layers, parse_device
+    from mbf_analysis.errors import NonFiniteError
+    from mbf_analysis.plotting import plot_approximation_errors, save_figure
+
+    apply_threads(args.threads)
+    start = time.perf_counter()
+    device = parse_device(args.device)
+    dataset, model_name, model, loss_fn, targets = _problem_parts(
+        settings, data_folder, args.device
+    )
+    settings["model"] = model_name
+    check_layers(model, settings["layers"])
+    config = ApproximationConfig(
+        methods=settings["methods"],
+        fisher=settings["fisher"],
+        iterations=settings["iterations"],
+        every=settings["every"],
+        batch_size=settings["batch_size"],
+        fisher_batch_size=settings["fisher_batch_size"],
+        optimizer=settings["trajectory"],
+        lr=settings["lr"],
+        layers=settings["layers"],
+        seed=settings["seed"],
+    )
+    inputs = dataset.train_x.to(getattr(torch, settings["dtype"]))
+    analysis = ApproximationRun(model, loss_fn, inputs, targets, config)
+    recorder = Recorder(
+        out / CSV_NAME, out / STATE_NAME, analysis, TRAJECTORY_COLUMNS, args.checkpoint_every
+    )
+    folder.add_files(CSV_NAME, STATE_NAME)
+    if record is not None:
+        analysis.load_state_dict(
+            torch.load(out / STATE_NAME, map_location=device, weights_only=True)
+        )
+        previous = recorded_rows(out / CSV_NAME, TRAJECTORY_COLUMNS, analysis.iteration)
+        print(f"resuming {out} at iteration {analysis.iteration} of {config.iterations}")
+    else:
+        previous = pd.DataFrame(columns=list(TRAJECTORY_COLUMNS))
+    recorder.start(previous)
+    if record is None:
+        recorder.save()
+    remaining = max(config.iterations - analysis.iteration, 0)
+    loaded = time.perf_counter()
+    timings: dict[str, float] = {"load": loaded - start}
+    _record(folder, settings, args, "running", timings, data_folder)
+    what = settings["problem"] or f"{model_name} on {dataset.name}"
+    print(
+        f"Fisher-approximation errors along {settings['trajectory']} (lr {config.lr:g}): {what}, "
+        f"{remaining} iterations of batch {config.batch_size}, every {config.every}, "
+        f"{config.fisher} Fisher, methods {','.join(config.methods)} → {out}"
+    )
+    status = "complete"
+    try:
+        analysis.run(remaining, on_record=recorder, progress=args.progress)
+    except NonFiniteError as err:
+        status = "diverged"
+        raise UsageError(
+            f"{err} The records before it are in {out / CSV_NAME}; lower --lr and start a new "
+            "run with another --out."
+        ) from err
+    except KeyboardInterrupt:
+        status = "interrupted"
+        print(f"\ninterrupted; continue with: mbf-analyze error --resume --out {out}")
+        raise SystemExit(130) from None
+    finally:
+        done = time.perf_counter()
+        timings["iterations"] = done - loaded
+        timings["per_iteration"] = (done - loaded) / max(remaining, 1)
+        if status == "complete":
+            recorder.save()
+        _record(folder, settings, args, status, timings, data_folder)
+    frame = pd.read_csv(out / CSV_NAME)
+    title = (
+        f"{what}: ‖F − F̂‖/‖F‖ along {settings['trajectory']} (lr {config.lr:g}), "
+        f"{config.fisher} Fisher, batch {config.fisher_batch_size or config.batch_size}"
+    )
+    fig = plot_approximation_errors(frame, smoothing=args.smoothing, title=title)
+    png, pdf = save_figure(fig, out / FIGURE_NAME)
+    folder.add_files(png, pdf)
+    timings["plot"] = time.perf_counter() - done
+    _record(folder, settings, args, status, timings, data_folder)
+    losses = frame.groupby("iteration")["loss"].first()
+    print(
+        f"median relative error ‖F − F̂‖_F/‖F‖_F over {len(losses)} records "
+        f"(loss {losses.iloc[0]:.4g} → {losses.iloc[-1]:.4g}):"
+    )
+    with pd.option_context("display.width", 160, "display.float_format", "{:.3g}".format):
+        print(median_table(frame).to_string())
+    clamped = frame.groupby("method").clamped.sum()
+    clamped = clamped[clamped > 0]
+    if len(clamped):
+        shown = ", ".join(f"{m} {int(c)}" for m, c in clamped.items())
+        print(f"rank-2 inverses clamped denominators at the floor (not positive definite): {shown}")
+    print(
+        f"{timings['per_iteration']:.3f} s per iteration; wrote {out / CSV_NAME}, "
+        f"{out / STATE_NAME}, {folder.record_path}, {png.name}, {pdf.name}"
+    )
