@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from mbf_analysis import methods
 from mbf_analysis.curvature.collect import Stats, collect
+from mbf_analysis.errors import UnsupportedModuleError
 from mbf_analysis.models import paper_mlp, resnet32
 
 logger = logging.getLogger("bench_methods")
@@ -109,15 +110,22 @@ def bench(problem: Problem, names: list[str], rounds: int, min_time: float) -> l
         loss_fn(model(x), y).backward()
 
     built = {name: methods.get(name) for name in names}
+    # Warm-up: one untimed call of everything (allocations, first-update state). Methods that
+    # refuse the network's layers (the Linear-only Kronecker-SVD family on a CNN) are left out.
+    reference()
+    warm = collect(model, loss_fn, x, y, frozenset().union(*(m.needs for m in built.values())))
+    for name, method in list(built.items()):
+        try:
+            method.update(warm)
+        except UnsupportedModuleError as err:
+            logger.info("%s: %s left out (%s)", problem.name, name, err)
+            del built[name]
+            continue
+        method.direction()
+    names = [name for name in names if name in built]
     need_sets = {name: m.needs for name, m in built.items()}
     union = frozenset().union(*need_sets.values())
     distinct = sorted(set(need_sets.values()) | {union}, key=lambda s: (len(s), sorted(s)))
-    # Warm-up: one untimed call of everything (allocations, first-update state).
-    reference()
-    warm = collect(model, loss_fn, x, y, union)
-    for method in built.values():
-        method.update(warm)
-        method.direction()
     ratios: dict[tuple[str, str], list[float]] = {}
     for r in range(rounds):
         forward = r % 2 == 0

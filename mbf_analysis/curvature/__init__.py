@@ -2,9 +2,14 @@
 one-pass collection of every statistic the preconditioning methods need."""
 
 from mbf_analysis.curvature.collect import (
+    DESCRIPTIONS,
     GRAD,
     KFAC_FACTORS,
+    KFAC_FACTORS_EXACT,
     KFAC_FACTORS_SAMPLED,
+    KRON_SAMPLES,
+    KRON_SAMPLES_EXACT,
+    KRON_SAMPLES_SAMPLED,
     PER_SAMPLE_GRAD,
     SAMPLED_GRAD,
     STATISTICS,
@@ -20,18 +25,24 @@ from mbf_analysis.curvature.fisher import (
     per_sample_grads,
     prepare_batch,
 )
-from mbf_analysis.curvature.kfac import KronFactors
+from mbf_analysis.curvature.kfac import KronFactors, KronSamples
 from mbf_analysis.curvature.losses import Likelihood, likelihood_of
 from mbf_analysis.curvature.memory import default_budget
 
 __all__ = [
+    "DESCRIPTIONS",
     "GRAD",
     "KFAC_FACTORS",
+    "KFAC_FACTORS_EXACT",
     "KFAC_FACTORS_SAMPLED",
+    "KRON_SAMPLES",
+    "KRON_SAMPLES_EXACT",
+    "KRON_SAMPLES_SAMPLED",
     "PER_SAMPLE_GRAD",
     "SAMPLED_GRAD",
     "STATISTICS",
     "KronFactors",
+    "KronSamples",
     "Stats",
     "collect",
     "prepare_batch",
