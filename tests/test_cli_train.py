@@ -126,3 +126,12 @@ def test_unknown_problem_is_an_argparse_error(capsys):
         main(["train", "--problem", "mnist", "--epochs", "1"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'mnist'" in capsys.readouterr().err
+
+
+def test_the_batch_size_can_replace_the_problems(tmp_path):
+    out = tmp_path / "run"
+    argv = ["train", "--problem", "mlp-digits", "--optimizer", "sgdm", "--max-steps", "3"]
+    assert main([*argv, "--batch-size", "50", "--no-progress", "--out", str(out)]) == 0
+    log = pd.read_csv(out / "train_log.csv")
+    assert list(log[log.kind == "step"].epoch) == [50 / 1500, 100 / 1500, 150 / 1500]
+    assert json.loads((out / "run.json").read_text())["settings"]["batch_size"] == 50

@@ -60,6 +60,7 @@ TRAJECTORY = (
     "presets",
     "optimizer",
     "seed",
+    "batch_size",
     "lr",
     "damping",
     "weight_decay",
@@ -176,6 +177,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="seed(s) of weights and batches, comma-separated: each optimizer runs once per "
         "seed (default: 0)",
+    )
+    train.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="minibatch size (default: the problem's, the paper's: 1000 for the autoencoders, "
+        "128 for the CNNs)",
     )
     train.add_argument("--device", default=None, help="torch device (default: cpu)")
     train.add_argument(
@@ -356,6 +364,7 @@ def run(args: argparse.Namespace) -> None:
         "max_steps": settings.get("max_steps"),
         "budget_clock": settings["budget_clock"],
         "presets": settings["presets"],
+        "batch_size": settings.get("batch_size"),
         "device": device,
         "dtype": getattr(torch, settings["dtype"]),
         "eval_samples": settings.get("eval_samples"),

@@ -52,6 +52,7 @@ TRAJECTORY_SETTINGS = (
     "problem",
     "optimizer",
     "seed",
+    "batch_size",
     "lr",
     "damping",
     "weight_decay",

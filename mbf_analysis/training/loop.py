@@ -77,6 +77,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -380,6 +381,7 @@ class _Run:
             "problem": problem.name,
             "optimizer": optimizer,
             "seed": seed,
+            "batch_size": problem.batch_size,
             "lr": preset.lr,
             "damping": preset.damping,
             "weight_decay": preset.weight_decay,
@@ -640,6 +642,7 @@ def train(
     damping: float | None = None,
     weight_decay: float | None = None,
     seed: int = 0,
+    batch_size: int | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     dataset: Dataset | None = None,
@@ -673,6 +676,8 @@ def train(
         damping: Replaces the preset's damping (``ε`` for Adam and Shampoo).
         weight_decay: Replaces the preset's decoupled weight decay.
         seed: Seed of the initial weights, the batch order and the augmentation.
+        batch_size: Replaces the problem's minibatch size ``m`` (the paper's: 1000 for the
+            autoencoders, 128 for the CNNs).
         device: Where to train.
         dtype: Precision of the model and the data.
         dataset: The problem's data set if already loaded (else loaded from ``data_dir``).
@@ -702,6 +707,10 @@ def train(
         KeyboardInterrupt: After Ctrl-C, once the checkpoint is saved.
     """
     problem = get_problem(problem)
+    if batch_size is not None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        problem = replace(problem, batch_size=batch_size)
     preset = get_preset(
         problem, optimizer, lr=lr, damping=damping, weight_decay=weight_decay, presets=presets
     )
