@@ -431,6 +431,11 @@ def plot_training_curves(
     if log_y is None:
         log_y = "loss" in y and len(rows) > 0 and bool((rows[y] > 0).all())
     colors = dict(zip(optimizers, sns.color_palette(n_colors=len(optimizers)), strict=True))
+    top = None
+    if "loss" in y and len(rows):
+        key_first = "run" if "run" in rows.columns else "optimizer"
+        firsts = rows.groupby(key_first, sort=False)[y].first()
+        top = 2.0 * float(firsts.max()) if bool((firsts > 0).all()) else None
     key = "run" if "run" in rows.columns else "seed"
     several = key in rows.columns and rows.groupby("optimizer")[key].nunique().max() > 1
     ends = frame[(frame.kind == "end") & (frame.status == "diverged")]
@@ -457,9 +462,13 @@ def plot_training_curves(
                 if run_key is not None and key in stopped.columns:
                     stopped = stopped[stopped[key] == run_key]
                 if len(stopped) and len(run):
+                    last = float(values.iloc[-1])
+                    if top is not None and not last <= top:
+                        last = top
                     panel.plot(
                         run[name].iloc[-1],
-                        values.iloc[-1],
+                        last,
+                        clip_on=False,
                         marker="x",
                         ms=7,
                         mew=1.6,
@@ -472,6 +481,8 @@ def plot_training_curves(
         panel.tick_params(labelsize=7)
         if log_y:
             panel.set_yscale("log")
+        if top is not None:
+            panel.set_ylim(top=top)
         panel.grid(alpha=0.3, which="both")
     if len(ends):
         axes[0].plot([], [], "kx", label="diverged")

@@ -462,6 +462,9 @@ def test_training_curves_mark_where_a_run_diverged(digits):
     ax = fig.get_axes()[0]
     crosses = [line for line in ax.get_lines() if line.get_gid() == "diverged"]
     assert crosses and all(line.get_marker() == "x" for line in crosses)
+    steps = log[log.kind == "step"]
+    top = 2 * steps.groupby("run").loss.first().max()
+    assert ax.get_ylim()[1] == pytest.approx(top)  # a divergence cannot flatten the others
     assert "diverged" in [t.get_text() for t in ax.get_legend().get_texts()]
     with pytest.raises(ValueError, match="x must be among"):
         plot_training_curves(log, "steps")
