@@ -265,13 +265,22 @@ def test_resume_refuses_settings_that_change_the_trajectory(tmp_path, capsys):
 def test_a_corrupt_checkpoint_falls_back_to_the_last_good_one(tmp_path, caplog, digits):
     run = run_name("sgdm", get_preset("mlp-digits", "sgdm"), 0)
     common = dict(checkpoint_dir=tmp_path, checkpoint_every=5, progress=False, dataset=digits)
-    train("mlp-digits", "sgdm", max_steps=12, **common)
+
+    def crash(row):  # a crash after step 12: checkpoints of steps 10 (latest) and 5 remain
+        if row["step"] == 12:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train("mlp-digits", "sgdm", max_steps=15, on_step=crash, **common)
     latest, previous = checkpoint_files(tmp_path, run)
-    assert torch.load(previous, weights_only=True)["position"]["step"] == 10
+    assert torch.load(latest, weights_only=True)["position"]["step"] == 10
+    assert torch.load(previous, weights_only=True)["position"]["step"] == 5
     latest.write_bytes(latest.read_bytes()[:100])  # truncated, as by a full disk
     log = train("mlp-digits", "sgdm", max_steps=15, resume=True, **common)
     assert "not a readable checkpoint" in caplog.text and str(previous) in caplog.text
     assert list(log[log.kind == "step"].step) == list(range(1, 16))
+    assert latest.is_file() and not previous.exists()  # a finished run keeps its final one
+    assert (tmp_path / f"{run}.corrupt.pt").stat().st_size == 100  # the damaged one, kept
     for path in checkpoint_files(tmp_path, run):
         path.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="no usable checkpoint of run .*garbage|no usable"):

@@ -19,7 +19,9 @@ tensors and plain values, read back with ``weights_only=True``), holding
 
 Writes are atomic (:func:`~mbf_analysis.checkpoints.atomic_save`) and the previous checkpoint is
 kept as ``<R>.prev.pt`` until the next one is complete, so a crash while writing, or a file
-damaged afterwards, falls back to the last good one (with a warning). A file that cannot be
+damaged afterwards, falls back to the last good one (with a warning; the damaged file is kept as
+``<R>.corrupt.pt`` and the good one becomes the latest again); a finished run keeps its final
+checkpoint only. A file that cannot be
 read, or is not a checkpoint of this format, is refused with a message that names it.
 """
 
@@ -40,6 +42,7 @@ __all__ = [
     "TRAJECTORY_SETTINGS",
     "CheckpointError",
     "checkpoint_files",
+    "drop_previous",
     "load_checkpoint",
     "save_checkpoint",
 ]
@@ -88,6 +91,12 @@ def save_checkpoint(folder: str | Path, run: str, payload: Mapping[str, Any]) ->
     return latest
 
 
+def drop_previous(folder: str | Path, run: str) -> None:
+    """Delete the run's previous checkpoint (once its final one is written, the previous one
+    only doubles the disk space a finished run takes)."""
+    checkpoint_files(folder, run)[1].unlink(missing_ok=True)
+
+
 def _read(path: Path, run: str) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -123,7 +132,8 @@ def load_checkpoint(
     """
     problems = []
     payload = None
-    for path in checkpoint_files(folder, run):
+    latest, previous = checkpoint_files(folder, run)
+    for path in (latest, previous):
         if not path.is_file():
             continue
         try:
@@ -132,7 +142,15 @@ def load_checkpoint(
             problems.append(str(err))
             continue
         if problems:
-            logger.warning("%s; continuing from the previous checkpoint %s", problems[0], path)
+            kept = latest.with_name(f"{run}.corrupt.pt")
+            latest.replace(kept)
+            previous.replace(latest)
+            logger.warning(
+                "%s; continuing from the previous checkpoint %s (the damaged one is kept as %s)",
+                problems[0],
+                path,
+                kept,
+            )
         break
     if payload is None:
         if problems:

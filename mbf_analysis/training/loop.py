@@ -91,7 +91,7 @@ from mbf_analysis.data import Dataset, load_dataset
 from mbf_analysis.errors import NonFiniteError
 from mbf_analysis.models import build_model
 from mbf_analysis.optim import KFAC, MBF, MethodOptimizer, Shampoo
-from mbf_analysis.training.checkpoint import load_checkpoint, save_checkpoint
+from mbf_analysis.training.checkpoint import drop_previous, load_checkpoint, save_checkpoint
 from mbf_analysis.training.log import LOG_COLUMNS, CsvLog, keep_rows, read_log
 from mbf_analysis.training.presets import GENERIC_OPTIMIZERS, Preset, get_preset, lr_at_epoch
 from mbf_analysis.training.problems import Problem, augment_batch, get_problem
@@ -812,6 +812,8 @@ def _execute(run: _Run, *, fresh: bool, progress: bool) -> pd.DataFrame:
             run.evaluate()
             run.clock.pause()
             run.checkpoint(status)
+            if o["checkpoint_dir"] is not None:
+                drop_previous(o["checkpoint_dir"], run.run)
             run.record({"kind": "end", **run.position(), "status": status})
     except KeyboardInterrupt:
         run.clock.pause()
