@@ -38,7 +38,12 @@ from mbf_analysis.cli.common import (
     positive_int,
     require_data,
 )
-from mbf_analysis.cli.recording import Recorder, recorded_rows
+from mbf_analysis.cli.recording import (
+    Recorder,
+    add_recording_options,
+    recorded_rows,
+    resumed_settings,
+)
 from mbf_analysis.cli.run_folder import RunFolder
 
 if TYPE_CHECKING:
@@ -158,22 +163,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_threads(parser)
     add_out(parser, resumable=True, default="default: runs/cosine-<dataset>-<model>")
-    parser.add_argument(
-        "--checkpoint-every",
-        type=positive_int,
-        default=None,
-        help="iterations between saves of cosine_state.pt (default: whenever a minute has "
-        "passed since the last save; the paper preset's state is 264 MB)",
-    )
-    parser.add_argument(
-        "--smoothing",
-        type=positive_int,
-        default=10,
-        help="rolling-mean window of the figure in iterations (default: 10)",
-    )
-    parser.add_argument(
-        "--no-progress", dest="progress", action="store_false", help="hide the progress bar"
-    )
+    add_recording_options(parser, state_name=STATE_NAME, smoothing=10, unit="iterations")
     parser.set_defaults(run=run)
 
 
@@ -201,34 +191,6 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 def _default_out(settings: dict[str, Any]) -> Path:
     model = settings["model"] or DEFAULT_MODEL.get(settings["dataset"], "model")
     return Path("runs") / f"cosine-{settings['dataset']}-{model}"
-
-
-def _saved_settings(record: dict[str, Any], folder: RunFolder, args: argparse.Namespace):
-    """The settings of the run in ``folder`` (from its record); explicit options must agree."""
-    if not (folder.path / STATE_NAME).is_file() or not isinstance(record.get("settings"), dict):
-        raise UsageError(
-            f"--resume: no saved state in {folder.path} ({STATE_NAME} missing); start it "
-            "without --resume (and --overwrite)"
-        )
-    saved = dict(record["settings"])
-    clash = {
-        key: value
-        for key, value in _given(args).items()
-        if key != "iterations" and value != saved.get(key)
-    }
-    if args.preset is not None:
-        clash.update(
-            {k: v for k, v in PRESETS[args.preset].items() if k != "iterations" and v != saved[k]}
-        )
-    if clash:
-        shown = ", ".join(f"{k}={v!r} (saved {saved.get(k)!r})" for k, v in clash.items())
-        raise UsageError(
-            f"--resume continues the run in {folder.path} with its saved settings, but {shown}; "
-            "drop those options or start a new run with another --out"
-        )
-    if args.iterations is not None:
-        saved["iterations"] = args.iterations
-    return saved
 
 
 # ----------------------------------------------------------------------------- output
@@ -296,7 +258,10 @@ def run(args: argparse.Namespace) -> None:
     folder = RunFolder(out, "cosine", OUTPUTS, resumable=True)
     record = folder.claim(resume=args.resume, overwrite=args.overwrite)
     if record is not None:
-        settings = _saved_settings(record, folder, args)
+        given = _given(args)
+        if args.preset is not None:
+            given.update({k: v for k, v in PRESETS[args.preset].items() if k != "iterations"})
+        settings = resumed_settings(record, folder, STATE_NAME, given)
         data_dir = args.data_dir or record.get("data_folder")
     else:
         settings, data_dir = given, args.data_dir

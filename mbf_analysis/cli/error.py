@@ -42,7 +42,12 @@ from mbf_analysis.cli.common import (
     positive_int,
     require_data,
 )
-from mbf_analysis.cli.recording import Recorder, recorded_rows
+from mbf_analysis.cli.recording import (
+    Recorder,
+    add_recording_options,
+    recorded_rows,
+    resumed_settings,
+)
 from mbf_analysis.cli.run_folder import RunFolder
 
 CSV_NAME = "error.csv"
@@ -168,21 +173,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     add_threads(parser)
     add_out(parser, resumable=True, default="default: runs/error-<problem or data-model>")
-    parser.add_argument(
-        "--checkpoint-every",
-        type=positive_int,
-        default=None,
-        help="iterations between saves of error_state.pt (default: once a minute)",
-    )
-    parser.add_argument(
-        "--smoothing",
-        type=positive_int,
-        default=5,
-        help="rolling-mean window of the figure, in records (default: 5)",
-    )
-    parser.add_argument(
-        "--no-progress", dest="progress", action="store_false", help="hide the progress bar"
-    )
+    add_recording_options(parser, state_name=STATE_NAME, smoothing=5, unit="records")
     parser.set_defaults(run=run)
 
 
@@ -220,27 +211,6 @@ def _default_out(settings: dict[str, Any]) -> Path:
         return Path("runs") / f"error-{settings['problem']}"
     model = settings["model"] or DEFAULT_MODEL.get(settings["dataset"], "model")
     return Path("runs") / f"error-{settings['dataset']}-{model}"
-
-
-def _saved(record: dict[str, Any], folder: RunFolder, args: argparse.Namespace) -> dict:
-    if not (folder.path / STATE_NAME).is_file() or not isinstance(record.get("settings"), dict):
-        raise UsageError(
-            f"--resume: no saved state in {folder.path} ({STATE_NAME} missing); start it "
-            "without --resume (and --overwrite)"
-        )
-    saved = dict(record["settings"])
-    clash = {k: v for k, v in _given(args).items() if k != "iterations" and v != saved.get(k)}
-    if args.problem is not None and args.problem != saved.get("problem"):
-        clash["problem"] = args.problem
-    if clash:
-        shown = ", ".join(f"{k}={v!r} (saved {saved.get(k)!r})" for k, v in clash.items())
-        raise UsageError(
-            f"--resume continues the run in {folder.path} with its saved settings, but {shown}; "
-            "drop those options or start a new run with another --out"
-        )
-    if args.iterations is not None:
-        saved["iterations"] = args.iterations
-    return saved
 
 
 def _problem_parts(settings: dict[str, Any], data_folder: str | None, device: str):
@@ -306,7 +276,7 @@ def run(args: argparse.Namespace) -> None:
     folder = RunFolder(out, "error", OUTPUTS, resumable=True)
     record = folder.claim(resume=args.resume, overwrite=args.overwrite)
     if record is not None:
-        settings = _saved(record, folder, args)
+        settings = resumed_settings(record, folder, STATE_NAME, _given(args))
         data_dir = args.data_dir or record.get("data_folder")
     else:
         settings, data_dir = given, args.data_dir

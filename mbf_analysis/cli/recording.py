@@ -1,5 +1,6 @@
-"""What the resumable analyses (``cosine``, ``error``) share: a CSV appended after every
-iteration, a state saved atomically by time or by count, and the rows kept on ``--resume``.
+"""What the resumable analyses (``cosine``, ``error``) share: their options, the settings a
+``--resume`` keeps, a CSV appended after every iteration, a state saved atomically by time or
+by count, and the rows kept on ``--resume``.
 
 The CSV's first column is ``iteration``. On ``--resume`` from a state taken at iteration ``k``,
 :func:`recorded_rows` keeps the rows of iterations ``< k`` (dropping those written after the
@@ -8,19 +9,74 @@ state was saved, and a line cut short by a kill), so that every iteration appear
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from mbf_analysis.cli.common import UsageError
+from mbf_analysis.cli.common import UsageError, positive_int
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["Recorder", "recorded_rows"]
+    from mbf_analysis.cli.run_folder import RunFolder
+
+__all__ = ["Recorder", "add_recording_options", "recorded_rows", "resumed_settings"]
+
+
+def add_recording_options(
+    parser: argparse.ArgumentParser, *, state_name: str, smoothing: int, unit: str
+) -> None:
+    """``--checkpoint-every``, ``--smoothing`` (the figure's window) and ``--no-progress``."""
+    parser.add_argument(
+        "--checkpoint-every",
+        type=positive_int,
+        default=None,
+        help=f"iterations between saves of {state_name} (default: whenever a minute has passed "
+        "since the last save)",
+    )
+    parser.add_argument(
+        "--smoothing",
+        type=positive_int,
+        default=smoothing,
+        help=f"rolling-mean window of the figure in {unit} (default: {smoothing})",
+    )
+    parser.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="hide the progress bar"
+    )
+
+
+def resumed_settings(
+    record: Mapping[str, Any],
+    folder: RunFolder,
+    state_name: str,
+    given: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The settings of the run in ``folder`` (from its record), with ``iterations`` extended to
+    the given one; every other given setting must equal the saved one.
+
+    Raises:
+        UsageError: Without a saved state, or for a given setting that differs (each is named).
+    """
+    if not (folder.path / state_name).is_file() or not isinstance(record.get("settings"), dict):
+        raise UsageError(
+            f"--resume: no saved state in {folder.path} ({state_name} missing); start it "
+            "without --resume (and --overwrite)"
+        )
+    saved = dict(record["settings"])
+    clash = {k: v for k, v in given.items() if k != "iterations" and v != saved.get(k)}
+    if clash:
+        shown = ", ".join(f"{k}={v!r} (saved {saved.get(k)!r})" for k, v in clash.items())
+        raise UsageError(
+            f"--resume continues the run in {folder.path} with its saved settings, but {shown}; "
+            "drop those options or start a new run with another --out"
+        )
+    if given.get("iterations") is not None:
+        saved["iterations"] = given["iterations"]
+    return saved
 
 
 class Resumable(Protocol):
