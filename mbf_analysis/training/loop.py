@@ -336,7 +336,7 @@ class _Run:
         self.problem = problem
         self.optimizer_name = optimizer
         self.preset = preset
-        self.o = options
+        self.options = options
         seed = options["seed"]
         self.run = run_name(optimizer, preset, seed)
         device, dtype = options["device"], options["dtype"]
@@ -424,8 +424,8 @@ class _Run:
                 "test_accuracy": test_acc,
             }
         )
-        if self.o["on_epoch"] is not None:
-            self.o["on_epoch"](row)
+        if self.options["on_epoch"] is not None:
+            self.options["on_epoch"](row)
         self.clock.resume()
 
     def lr_now(self) -> float:
@@ -433,7 +433,7 @@ class _Run:
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self, status: str | None) -> None:
-        folder = self.o["checkpoint_dir"]
+        folder = self.options["checkpoint_dir"]
         if folder is None:
             return
         wall, cpu = self.clock.now()
@@ -482,15 +482,15 @@ class _Run:
         self.last_duration = float(clock["last_duration"])
 
     def checkpoint_due(self) -> bool:
-        every = self.o["checkpoint_every"]
+        every = self.options["checkpoint_every"]
         if every is not None:
             return self.step % every == 0
-        return time.perf_counter() - self.saved_at >= self.o["checkpoint_interval"]
+        return time.perf_counter() - self.saved_at >= self.options["checkpoint_interval"]
 
     # ------------------------------------------------------------------ limits
     def budget_used(self) -> float:
         wall, cpu = self.clock.now()
-        return wall if self.o["budget_clock"] == "wall" else cpu
+        return wall if self.options["budget_clock"] == "wall" else cpu
 
     def phase(self, step: int) -> int:
         period = getattr(self.opt, "inverse_period", None) or self.preset.inverse_period or 1
@@ -498,7 +498,7 @@ class _Run:
 
     def limit_before_step(self) -> str | None:
         """The reason to stop before taking step ``self.step + 1``, or ``None``."""
-        max_steps, budget = self.o["max_steps"], self.o["time_budget"]
+        max_steps, budget = self.options["max_steps"], self.options["time_budget"]
         if max_steps is not None and self.step >= max_steps:
             return "max_steps"
         if budget is not None:
@@ -541,8 +541,8 @@ class _Run:
         self.batch += 1
         self.seen += len(index)
         row = self.record({"kind": "step", **self.position(), "lr": self.lr_now(), "loss": value})
-        if self.o["on_step"] is not None:
-            self.o["on_step"](row)
+        if self.options["on_step"] is not None:
+            self.options["on_step"](row)
 
     def diverged(self, what: str) -> TrainingDiverged:
         self.clock.pause()
@@ -587,7 +587,7 @@ class _Run:
 
     def loop(self, bar: tqdm) -> str:
         """Steps until a limit; returns the status."""
-        epochs = self.o["epochs"]
+        epochs = self.options["epochs"]
         while True:
             if self.batch == 0:
                 for group in self.opt.param_groups:
@@ -623,7 +623,7 @@ class _Run:
     def finished(self) -> bool:
         """Whether the limits stop the run at its current position (for a finished run's
         checkpoint: whether an extension has anything to do)."""
-        epochs = self.o["epochs"]
+        epochs = self.options["epochs"]
         if epochs is not None and self.epoch >= epochs:
             return True
         return self.limit_before_step() is not None
@@ -786,12 +786,12 @@ def train(
 
 def _execute(run: _Run, *, fresh: bool, progress: bool) -> pd.DataFrame:
     """Run the steps of a fresh or restored :class:`_Run` to its end; returns its log."""
-    o = run.o
+    options = run.options
     total = None
-    if o["epochs"] is not None:
-        total = o["epochs"] * run.n_batches
-    if o["max_steps"] is not None:
-        total = min(total or o["max_steps"], o["max_steps"])
+    if options["epochs"] is not None:
+        total = options["epochs"] * run.n_batches
+    if options["max_steps"] is not None:
+        total = min(total or options["max_steps"], options["max_steps"])
     bar = tqdm(
         total=total,
         initial=run.step,
@@ -812,8 +812,8 @@ def _execute(run: _Run, *, fresh: bool, progress: bool) -> pd.DataFrame:
             run.evaluate()
             run.clock.pause()
             run.checkpoint(status)
-            if o["checkpoint_dir"] is not None:
-                drop_previous(o["checkpoint_dir"], run.run)
+            if options["checkpoint_dir"] is not None:
+                drop_previous(options["checkpoint_dir"], run.run)
             run.record({"kind": "end", **run.position(), "status": status})
     except KeyboardInterrupt:
         run.clock.pause()
