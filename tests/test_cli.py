@@ -212,3 +212,29 @@ def test_malformed_values_are_argparse_errors_with_exit_code_2(argv, message, ca
         main(argv)
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_heatmap_flags_a_subset_that_the_damping_dominates(tmp_path, capsys, monkeypatch):
+    """With λ far above the spectrum, (F + λI)⁻¹ ≈ I/λ: the table, a warning and the figure's
+    panel title say so."""
+    from mbf_analysis import plotting  # the subcommand imports it when it runs
+
+    titles: list[str] = []
+    original = plotting.plot_heatmap_grid
+
+    def capture(matrices, *args, **kwargs):
+        titles.extend(matrices)
+        titles.append(kwargs.get("suptitle", ""))
+        return original(matrices, *args, **kwargs)
+
+    monkeypatch.setattr(plotting, "plot_heatmap_grid", capture)
+    out = tmp_path / "run"
+    argv = ["heatmap", "--batch-size", "32", "--epochs", "0", "--layers", "fc3"]
+    assert main([*argv, "--kinds", "empirical", "--damping", "1e3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "(λ dominates)" in printed
+    assert "warning: λ = 1000 dominates the spectrum of fc3" in printed
+    frame = pd.read_csv(out / "heatmap_mass.csv")
+    assert frame.damping_dominated.all() and (frame.eig_max <= 1e3).all()
+    assert any("λ dominates: max eig(F) ≤ λ" in t for t in titles)
+    assert "empirical Fisher (EFM)" in titles[-1] and "digits-mlp on digits" in titles[-1]

@@ -1,12 +1,15 @@
 """`mbf-analyze train`: files written, the printed summary, grid mode, and one-line errors."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from mbf_analysis.cli import main
+from mbf_analysis.cli import build_parser, main
 from mbf_analysis.training import LOG_COLUMNS
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -135,3 +138,26 @@ def test_the_batch_size_can_replace_the_problems(tmp_path):
     log = pd.read_csv(out / "train_log.csv")
     assert list(log[log.kind == "step"].epoch) == [50 / 1500, 100 / 1500, 150 / 1500]
     assert json.loads((out / "run.json").read_text())["settings"]["batch_size"] == 50
+
+
+def test_the_published_mnist_mbf_preset_diverges_and_the_output_says_why(capsys):
+    """--presets paper runs Table 4's MBF (1e-5, 3e-4) on MNIST, which diverges here; the run
+    says why and which setting trains ('ours', the default)."""
+    argv = ["train", "--problem", "mnist-ae", "--optimizer", "mbf", "--presets", "paper"]
+    argv += ["--max-steps", "40", "--eval-samples", "500", "--data-dir", str(SHARED_DATA)]
+    assert main([*argv, "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert "every run diverged (mbf)" in captured.err
+    note = " ".join(captured.out.split())
+    assert (
+        "MBF diverged with the paper's published mnist-ae preset (Table 4: lr 1e-05, λ 0.0003)"
+        in note
+    )
+    assert "lr/λ = 0.0333" in note and "--presets ours (the default) uses that point" in note
+
+
+def test_download_is_a_train_option_too():
+    args = build_parser().parse_args(
+        ["train", "--problem", "mnist-ae", "--download", "--epochs", "1"]
+    )
+    assert args.download is True
