@@ -144,8 +144,8 @@ def plot_inverse_heatmap(
                 )
             )
             offset += size
-    ax.set_xlabel("parameter index")
-    ax.set_ylabel("parameter index")
+    ax.set_xlabel("parameter index", fontsize=8)
+    ax.set_ylabel("parameter index", fontsize=8)
     ax.tick_params(labelsize=7)
     if title:
         ax.set_title(title, fontsize=8)
