@@ -42,7 +42,9 @@ Rows, and exactly what each side does in one timed unit:
 - ``Shampoo``: one training iteration at ``T1 = T2 = 1``, ``ε = 1e-4``, momentum 0.9, every
   parameter (biases as order-1 tensors).
   *toolkit*: :class:`mbf_analysis.optim.Shampoo` (EMA ``β = 0.9`` of the statistics, roots by
-  its default ``root_method``); Conv2d weights as order-3 tensors ``[C_out, C_in, k_h·k_w]``.
+  its default ``root_method="auto"``: on CPU a float32 eigendecomposition with Rayleigh-quotient
+  eigenvalues, all roots of equal size and order in one batched call); Conv2d weights as order-3
+  tensors ``[C_out, C_in, k_h·k_w]``.
   *pytorch-optimizer*: ``Shampoo(momentum=0.9, matrix_eps=1e-4,
   preconditioning_compute_steps=1)``: summed statistics (no EMA; the same work per step), SVD
   roots, conv weights as order-4 tensors (four statistics, two of them 5×5, where ours has one
@@ -67,7 +69,7 @@ weights and all biases). Reported: ``max |a − b| / max |b|`` over each compare
 ASDL wraps its work in ``torch.cuda.nvtx.range``, which raises on a CPU-only torch; the script
 replaces ``torch.cuda.nvtx.range_push``/``range_pop`` with no-ops.
 
-Run: ``python benchmarks/bench_peers.py`` (5 rounds, about 10 minutes on one core of a quiet
+Run: ``python benchmarks/bench_peers.py`` (5 rounds, about 5 minutes on one core of a quiet
 machine; ``--quick``: 3 rounds; ``--rows efm kfac shampoo`` selects rows). Results:
 ``benchmarks/results_peers.md``.
 """
@@ -549,11 +551,13 @@ def render(rows: list[Row], checks: list[tuple[str, str, float]], meta: dict[str
         f"- {meta['rounds']} rounds after one warm-up unit per contender, contenders interleaved "
         "(order rotating every round); float32. toolkit / peer: median over rounds of the "
         "per-round ratio of the toolkit's time to the peer's (≤ 1: the toolkit is at least as "
-        "fast); peer × toolkit: its inverse. What each side does: the docstring of "
+        "fast), with its smallest and largest value over the rounds; peer × toolkit: the inverse "
+        "of the median. What each side does: the docstring of "
         "`benchmarks/bench_peers.py`.",
         "",
-        "| operation | toolkit (ms) | peer | peer (ms) | toolkit / peer | peer × toolkit |",
-        "|---|---:|---|---:|---:|---:|",
+        "| operation | toolkit (ms) | peer | peer (ms) | toolkit / peer | range over rounds "
+        "| peer × toolkit |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
     for row in rows:
         ours = statistics.median(row.times["toolkit"]) * 1e3
@@ -562,7 +566,7 @@ def render(rows: list[Row], checks: list[tuple[str, str, float]], meta: dict[str
             theirs = statistics.median(row.times[peer]) * 1e3
             lines.append(
                 f"| {row.label} (per {row.unit}) | {ours:.1f} | {peer} | {theirs:.1f} | "
-                f"{ratio:.2f} | {1 / ratio:.2f} |"
+                f"{ratio:.2f} | {min(ratios):.2f}–{max(ratios):.2f} | {1 / ratio:.2f} |"
             )
     if checks:
         lines += [

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mbf_analysis.linalg import ROOT_METHODS, RootMethod
+from mbf_analysis.linalg import ROOT_METHODS, RootMethod, all_finite
 from mbf_analysis.methods.base import momentum_
 from mbf_analysis.methods.shampoo import grouped_inverse_roots, mode_product, tensor_dims
 from mbf_analysis.optim.common import (
@@ -141,7 +141,8 @@ class Shampoo(CheckedLoad):
                 loss = closure()
         active = [g for g in self.param_groups if group_gradients(self.OWNER, g, self._names)]
         for group in active:
-            check_gradients(self.OWNER, {p: p.grad for p in group["params"]}, self._names)
+            if not all_finite([p.grad for p in group["params"]]):  # one fused check, then name it
+                check_gradients(self.OWNER, {p: p.grad for p in group["params"]}, self._names)
         for group in active:
             params = group["params"]
             k = self.state[params[0]].get("step", 0)
