@@ -28,6 +28,7 @@ from torch.optim import Optimizer
 from mbf_analysis.curvature.losses import likelihood_of
 from mbf_analysis.errors import NonFiniteError, UnsupportedModuleError
 from mbf_analysis.layout import BlockGroup, LayerLayout, layout_of
+from mbf_analysis.linalg import all_finite
 
 __all__ = [
     "CheckedLoad",
@@ -316,12 +317,17 @@ def check_gradients(
 ) -> None:
     """Raise :class:`~mbf_analysis.errors.NonFiniteError` naming the first non-finite tensor.
 
+    One fused norm decides the common all-finite case (:func:`~mbf_analysis.linalg.all_finite`);
+    only then are the tensors looked at one by one, to name the culprit.
+
     Args:
         owner: The optimizer's name, for the message.
         grads: Parameter → its gradient (or any tensor shaped like it).
         names: Parameter → name.
         what: What the tensors are, for the message.
     """
+    if all_finite(list(grads.values())):
+        return
     for p, g in grads.items():
         if not bool(torch.isfinite(g).all()):
             raise NonFiniteError(
