@@ -472,7 +472,7 @@ def test_needs_follow_the_fisher_and_the_periods():
     assert methods.get("bdf").next_needs() == methods.get("bdf").needs  # the default
 
 
-@pytest.mark.parametrize("coarse", ["spectral", "residual"])
+@pytest.mark.parametrize("coarse", ["spectral", "residual", "krylov-nicolaides"])
 def test_collecting_only_the_next_needs_gives_the_same_run(coarse):
     model, x, y = _problem()
     settings = {"coarse": coarse, "fisher": "exact", "stat_period": 2, "inverse_period": 3}
@@ -510,6 +510,9 @@ def test_state_round_trip_keeps_the_inner_kfac_and_the_samples():
     for layer in a:
         torch.testing.assert_close(b[layer], a[layer], rtol=0, atol=0)
     assert set(method.state["0"]) >= {"m", "A", "G", "coarse_a", "coarse_delta", "coarse_q_a"}
+    krylov = methods.get("kfac-two-level", coarse="krylov-nicolaides", inverse_period=2)
+    krylov.update(_stats(model, x, y))
+    assert "coarse_inverse_ones" in krylov.state["2"]
 
 
 def test_errors_name_the_problem():

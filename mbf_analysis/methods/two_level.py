@@ -56,9 +56,9 @@ projections ``p_nc(V) = ĝ_ncᵀ V = Σ_l δ_nc,lᵀ V_l ā_n,l`` (:func:`sample
 One direction costs KFAC's direction, ``O(m r d)`` for ``w``, ``O(q_l m r d_l)`` per layer for
 ``C`` (``O(m (r g_l + a_l))`` for the outer-product rows of NICOLAIDES, SPECTRAL and TSELEPIDIS,
 :class:`RankOneRows`) and ``O(q³)`` for the solve, plus one more KFAC application for
-``residual`` and ``krylov-nicolaides`` and two for ``krylov-residual``; the residual spaces also
-back-project ``F ζ₀`` (``O(m r d)``). ``F_c`` is recomputed with ``R₀`` at every
-:meth:`~mbf_analysis.methods.Method.direction` call.
+``residual`` and two for ``krylov-residual`` (KRY-NICO's ``M_l⁻¹1`` is kept from the last
+inverse refresh); the residual spaces also back-project ``F ζ₀`` (``O(m r d)``). ``F_c`` is
+recomputed with ``R₀`` at every :meth:`~mbf_analysis.methods.Method.direction` call.
 
 **Choices.**
 
@@ -84,7 +84,6 @@ g, a]`` the rows of layer ``l`` as matrices.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -121,8 +120,6 @@ __all__ = [
     "fisher_product",
     "sample_projections",
 ]
-
-logger = logging.getLogger(__name__)
 
 CoarseSpace = Literal[
     "nicolaides", "residual", "spectral", "krylov-nicolaides", "krylov-residual", "tselepidis"
@@ -430,9 +427,10 @@ class TwoLevelKFAC(Method):
 
     State (shared with the inner :attr:`kfac`, whose own state keys it keeps): per Linear layer
     also ``"coarse_a"`` ``[m, a]`` and ``"coarse_delta"`` ``[m, (r,) g]``, the samples of the last
-    statistics step, and for ``coarse="spectral"`` ``"coarse_q_a"`` ``[a]``, ``"coarse_q_g"``
-    ``[g]``. :meth:`matrix` is KFAC's ``A ⊗ G`` (the one-level curvature; the coarse level
-    couples layers, which no layer block expresses).
+    statistics step; for ``coarse="spectral"`` ``"coarse_q_a"`` ``[a]``, ``"coarse_q_g"`` ``[g]``,
+    and for ``"krylov-nicolaides"`` ``"coarse_inverse_ones"`` ``[g, a]`` (``M_l⁻¹1``), both
+    refreshed with KFAC's inverses. :meth:`matrix` is KFAC's ``A ⊗ G`` (the one-level curvature;
+    the coarse level couples layers, which no layer block expresses).
     """
 
     config: TwoLevelKFACConfig
@@ -538,6 +536,16 @@ class TwoLevelKFAC(Method):
                 slot = self.state[layer]
                 slot["coarse_q_a"] = _lowest_eigenvector(slot["A"])
                 slot["coarse_q_g"] = _lowest_eigenvector(slot["G"])
+        if cfg.coarse == "krylov-nicolaides" and self._due(cfg.inverse_period):
+            layouts = self._require_layouts()
+            ones = {
+                layer: _matrix_of(
+                    layouts[layer], self.state[layer]["m"].new_ones(layouts[layer].dim)
+                )
+                for layer in linear
+            }
+            for layer, inverse in self._fine(ones).items():
+                self.state[layer]["coarse_inverse_ones"] = inverse
 
     def _first_moment(self) -> dict[str, Tensor]:
         return {layer: self.state[layer]["m"] for layer in self._require_layouts()}
@@ -604,9 +612,10 @@ class TwoLevelKFAC(Method):
                 for layer in samples
             }
         elif coarse == "krylov-nicolaides":
-            ones = {layer: torch.ones_like(V[layer]) for layer in samples}
-            inverse = self._fine(ones)
-            rows = {layer: torch.stack([ones[layer], inverse[layer]]) for layer in samples}
+            rows = {
+                layer: torch.stack([torch.ones_like(M), self.state[layer]["coarse_inverse_ones"]])
+                for layer, M in V.items()
+            }
         else:
             rows = {
                 layer: RankOneRows(M.new_ones(1, M.shape[0]), M.new_ones(1, M.shape[1]))
