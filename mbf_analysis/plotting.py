@@ -214,27 +214,30 @@ def plot_heatmap_grid(
     return fig
 
 
-def smooth_cosines(frame: pd.DataFrame, window: int) -> pd.DataFrame:
-    """Add ``smoothed``: the rolling mean of ``cosine`` over ``window`` iterations.
+def smooth_cosines(frame: pd.DataFrame, window: int, value: str = "cosine") -> pd.DataFrame:
+    """Add ``smoothed``: the rolling mean of ``value`` over ``window`` iterations.
 
     Per ``(layer, method)``, ordered by ``iteration``:
-    ``smoothed_t = mean(cosine_{t−w+1}, …, cosine_t)`` over the available values (fewer at the
-    start: ``min_periods=1``).
+    ``smoothed_t = mean(v_{t−w+1}, …, v_t)`` over the available values (fewer at the start:
+    ``min_periods=1``).
 
     Args:
-        frame: Columns :data:`COSINE_COLUMNS`.
+        frame: Columns :data:`COSINE_COLUMNS` (and ``value``).
         window: ``w ≥ 1`` (``1``: no smoothing).
+        value: The column smoothed: ``"cosine"``, or ``"energy_error"`` of the all-layer
+            reference.
 
     Returns:
         A copy sorted by ``layer, method, iteration`` with the extra column.
     """
     if window < 1:
         raise ValueError(f"smoothing window must be a positive integer, got {window}.")
-    missing = [c for c in COSINE_COLUMNS if c not in frame.columns]
+    needed = [*COSINE_COLUMNS[:3], value]
+    missing = [c for c in needed if c not in frame.columns]
     if missing:
-        raise ValueError(f"cosine frame lacks columns {missing}; it needs {list(COSINE_COLUMNS)}.")
+        raise ValueError(f"cosine frame lacks columns {missing}; it needs {needed}.")
     out = frame.sort_values(["layer", "method", "iteration"], kind="stable").copy()
-    out["smoothed"] = out.groupby(["layer", "method"], sort=False)["cosine"].transform(
+    out["smoothed"] = out.groupby(["layer", "method"], sort=False)[value].transform(
         lambda s: s.rolling(window, min_periods=1).mean()
     )
     return out
@@ -261,6 +264,8 @@ def plot_cosines(
     panel_size: float = 2.1,
     title: str | None = None,
     collapse: int | None = None,
+    value: str = "cosine",
+    reference: str = "BDF",
 ) -> Figure:
     """Cosine of each method's direction with BDF's along the trajectory (paper Fig. 6).
 
@@ -270,7 +275,9 @@ def plot_cosines(
     default 3). The y range is ``[0, 1]`` if no cosine is negative, else ``[−1, 1]``. With
     ``show_loss`` and a ``loss`` column, a last panel shows the loss along the trajectory (the
     first value per iteration; a log scale when every value is positive). ``collapse`` marks the
-    iteration where the loss collapsed with a dotted line in every panel.
+    iteration where the loss collapsed with a dotted line in every panel. With
+    ``value="energy_error"`` (the all-layer reference, :data:`mbf_analysis.analysis.FULL_COLUMNS`)
+    the panels show the ``F_λ``-norm relative error instead, on a log scale when it is positive.
 
     Args:
         frame: Tidy frame with columns ``iteration, layer, method, cosine`` (and ``loss``).
@@ -282,11 +289,14 @@ def plot_cosines(
         panel_size: Height of a panel in inches.
         title: Figure title (e.g. the data, model, λ and lr).
         collapse: Iteration at which the loss collapsed (marked), or ``None``.
+        value: ``"cosine"`` or ``"energy_error"``.
+        reference: What the directions are compared with, for the axis label (``"BDF"``,
+            ``"F_λ⁻¹∇"``).
 
     Returns:
         The figure.
     """
-    smoothed = smooth_cosines(frame, smoothing)
+    smoothed = smooth_cosines(frame, smoothing, value)
     layers = _pick(frame, "layer", layers)
     methods = _pick(frame, "method", methods)
     smoothed = smoothed[smoothed.layer.isin(layers) & smoothed.method.isin(methods)]
@@ -298,16 +308,24 @@ def plot_cosines(
     fig = Figure(figsize=(1.12 * panel_size * ncols, height), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True).flatten()
     colors = dict(zip(methods, sns.color_palette(n_colors=len(methods)), strict=True))
-    ylim = (0.0, 1.0) if float(smoothed.cosine.min()) >= 0 else (-1.0, 1.0)
+    energy = value != "cosine"
+    ylim = (0.0, 1.0) if float(smoothed.smoothed.min()) >= 0 else (-1.0, 1.0)
+    positive = bool((smoothed.smoothed.dropna() > 0).all())
     for ax, layer in zip(axes, layers, strict=False):
         part = smoothed[smoothed.layer == layer]
         for method in methods:
             line = part[part.method == method]
             ax.plot(line.iteration, line.smoothed, color=colors[method], label=method, lw=1.0)
         ax.set_title(str(layer), fontsize=8)
-        ax.set_ylim(*ylim)
+        if energy:
+            if positive:
+                ax.set_yscale("log")
+            label = f"‖d − d*‖_F_λ / ‖d*‖_F_λ (mean of {smoothing})"
+        else:
+            ax.set_ylim(*ylim)
+            label = f"cosine with {reference} (mean of {smoothing})"
         ax.set_xlabel("iteration", fontsize=8)
-        ax.set_ylabel(f"cosine with BDF (mean of {smoothing})", fontsize=7)
+        ax.set_ylabel(label, fontsize=7)
         ax.tick_params(labelsize=7, labelbottom=True)
         ax.grid(alpha=0.3)
     if loss:

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mbf_analysis.analysis import CosineRun
+from mbf_analysis.analysis import FULL_COLUMNS, NETWORK, CosineRun
 from mbf_analysis.cli import main
 from mbf_analysis.cli.cosine import PRESETS, _Recorder, median_table
 
@@ -174,3 +174,41 @@ def test_a_diverging_run_keeps_its_rows_and_says_what_to_change(tmp_path, capsys
     first_bad = int(err.split("diverged at iteration ")[1].split(":")[0])
     assert sorted(rows.iteration.unique()) == list(range(first_bad))
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "diverged"
+
+
+def test_the_all_layer_reference_writes_the_energy_error_and_the_network_rows(tmp_path, capsys):
+    out = tmp_path / "full"
+    argv = ["cosine", "--reference", "full", "--fisher", "exact", "--coarse", "residual"]
+    argv += ["--methods", "kfac,kfac-two-level", "--iterations", "3", "--batch-size", "64"]
+    assert main([*argv, "--no-progress", "--out", str(out)]) == 0
+    rows = pd.read_csv(out / "cosine.csv")
+    assert list(rows.columns) == list(FULL_COLUMNS)
+    assert set(rows.method) == {"kfac", "kfac-two-level", "bdf"}  # BDF is compared too
+    assert set(rows.layer) == {"fc1", "fc2", "fc3", NETWORK}
+    network = rows[rows.layer == NETWORK].set_index(["iteration", "method"]).energy_error
+    for k in range(3):  # the coarse correction never raises the network's energy error
+        assert network[k, "kfac-two-level"] <= network[k, "kfac"] + 1e-12
+    for name in ("cosine.png", "energy_error.png", "energy_error.pdf"):
+        assert (out / name).stat().st_size > 0
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert (settings["reference"], settings["fisher"], settings["coarse"]) == (
+        "full",
+        "exact",
+        "residual",
+    )
+    printed = capsys.readouterr().out
+    assert "median F_λ-norm relative error against F_λ⁻¹∇ (exact Fisher, all layers)" in printed
+    assert main(["cosine", "--resume", "--out", str(out), "--iterations", "4"]) == 0
+    assert sorted(pd.read_csv(out / "cosine.csv").iteration.unique()) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--fisher", "exact"], "--fisher exact sets the F of --reference full"),
+        (["--coarse", "spectral"], "--coarse sets kfac-two-level's coarse space"),
+    ],
+)
+def test_full_reference_options_need_their_context(extra, message, tmp_path, capsys):
+    assert main(["cosine", "--out", str(tmp_path / "x"), *extra]) == 2
+    assert message in capsys.readouterr().err

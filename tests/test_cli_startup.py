@@ -13,6 +13,8 @@ import pytest
 from mbf_analysis import datafiles, methods, models, training
 from mbf_analysis.cli import choices
 from mbf_analysis.curvature import FISHER_KINDS
+from mbf_analysis.methods.two_level import COARSE_SPACES
+from mbf_analysis.training import presets
 from mbf_analysis.training.presets import PRESET_SETS
 
 HEAVY = ("torch", "numpy", "pandas", "scipy", "seaborn", "matplotlib", "backpack", "sklearn")
@@ -27,6 +29,7 @@ def test_the_light_name_lists_equal_the_registries():
     assert choices.PROBLEM_DATA == {p.name: p.dataset for p in training.PROBLEMS.values()}
     assert choices.OPTIMIZERS == tuple(training.OPTIMIZERS)
     assert set(choices.PRESET_SETS) == set(PRESET_SETS) and choices.PRESET_SETS[0] == "ours"
+    assert choices.COARSE_SPACES == COARSE_SPACES == presets.COARSE_SPACES
     assert choices.FISHER_KINDS == tuple(FISHER_KINDS)
 
 

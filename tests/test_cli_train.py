@@ -161,3 +161,22 @@ def test_download_is_a_train_option_too():
         ["train", "--problem", "mnist-ae", "--download", "--epochs", "1"]
     )
     assert args.download is True
+
+
+def test_coarse_runs_two_level_kfac_once_per_coarse_space(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--problem", "mlp-digits", "--optimizer", "kfac-koroko,kfac-two-level"]
+    argv += ["--coarse", "residual,tselepidis", "--max-steps", "3", "--no-progress"]
+    assert main([*argv, "--out", str(out)]) == 0
+    summary = pd.read_csv(out / "train_summary.csv")
+    assert list(summary.optimizer) == [
+        "kfac-koroko",
+        "kfac-two-level-residual",
+        "kfac-two-level-tselepidis",
+    ]
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert settings["coarse"] == ["residual", "tselepidis"]
+    assert (
+        main(["train", "--problem", "mlp-digits", "--coarse", "residual", "--max-steps", "1"]) == 2
+    )
+    assert "add it to --optimizer" in capsys.readouterr().err

@@ -11,7 +11,8 @@ order; ``tests/test_cli_startup.py`` checks that they stay equal:
   data set of each;
 - :data:`OPTIMIZERS`: :data:`mbf_analysis.training.OPTIMIZERS`, and :data:`PRESET_SETS` the keys
   of :data:`mbf_analysis.training.presets.PRESET_SETS`;
-- :data:`FISHER_KINDS`: :data:`mbf_analysis.curvature.FISHER_KINDS`.
+- :data:`FISHER_KINDS`: :data:`mbf_analysis.curvature.FISHER_KINDS`;
+- :data:`COARSE_SPACES`: :data:`mbf_analysis.methods.two_level.COARSE_SPACES`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 from mbf_analysis.datafiles import dataset_names
 
 __all__ = [
+    "COARSE_SPACES",
     "DATASETS",
     "FISHER_KINDS",
     "METHODS",
@@ -87,5 +89,14 @@ OPTIMIZERS: tuple[str, ...] = (
 )
 
 PRESET_SETS: tuple[str, ...] = ("ours", "paper")
+
+COARSE_SPACES: tuple[str, ...] = (
+    "nicolaides",
+    "residual",
+    "spectral",
+    "krylov-nicolaides",
+    "krylov-residual",
+    "tselepidis",
+)
 
 FISHER_KINDS: tuple[str, ...] = ("empirical", "exact", "mc")

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mbf_analysis.cli.choices import DATASETS, METHODS, MODELS
+from mbf_analysis.cli.choices import COARSE_SPACES, DATASETS, METHODS, MODELS
 from mbf_analysis.cli.common import (
     DEFAULT_MODEL,
     UsageError,
@@ -53,7 +53,12 @@ CSV_NAME = "cosine.csv"
 STATE_NAME = "cosine_state.pt"
 RUN_NAME = "run.json"
 FIGURE_NAME = "cosine"
-OUTPUTS = (CSV_NAME, STATE_NAME, f"{FIGURE_NAME}.png", f"{FIGURE_NAME}.pdf")
+ENERGY_FIGURE_NAME = "energy_error"
+OUTPUTS = (
+    CSV_NAME,
+    STATE_NAME,
+    *(f"{name}.{ext}" for name in (FIGURE_NAME, ENERGY_FIGURE_NAME) for ext in ("png", "pdf")),
+)
 """Every file ``cosine`` writes into ``--out`` (besides ``run.json``)."""
 
 _Recorder = Recorder
@@ -74,6 +79,9 @@ DEFAULTS: dict[str, Any] = {
     "layers": None,
     "seed": 0,
     "dtype": "float64",
+    "reference": "bdf",
+    "fisher": "empirical",
+    "coarse": None,
 }
 """Settings without ``--preset``: the embedded digits data, finished in well under a minute."""
 
@@ -151,6 +159,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="comma-separated layers whose cosines are recorded (default: all)",
     )
+    parser.add_argument(
+        "--reference",
+        choices=["bdf", "full"],
+        default=None,
+        help="what each direction is compared with: bdf (the paper's Fig. 6, BDF's direction) "
+        "or full, the damped natural gradient F_λ⁻¹∇ over all layers, with the F_λ-norm error "
+        "next to the cosine per layer and for the whole network (BDF is then compared too; "
+        "small networks only: the paper MLP, the digits MLP)",
+    )
+    parser.add_argument(
+        "--fisher",
+        choices=["empirical", "exact"],
+        default=None,
+        help="the F of --reference full (and of the compared methods with a Fisher setting): "
+        "empirical or exact (the true Fisher, the GGN) (default: empirical)",
+    )
+    parser.add_argument(
+        "--coarse",
+        choices=COARSE_SPACES,
+        default=None,
+        help="coarse space of kfac-two-level (default: nicolaides)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="seed (default: 0)")
     parser.add_argument(
         "--dtype",
@@ -185,6 +215,13 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
             f"--methods {','.join(settings['methods'])}: unknown {', '.join(unknown) or 'empty'}"
             f"; choose from {', '.join(METHODS)}"
         )
+    if settings["fisher"] != "empirical" and settings["reference"] != "full":
+        raise UsageError(
+            f"--fisher {settings['fisher']} sets the F of --reference full; add --reference full "
+            "(BDF's reference is its own empirical-Fisher blocks)"
+        )
+    if settings["coarse"] is not None and "kfac-two-level" not in settings["methods"]:
+        raise UsageError("--coarse sets kfac-two-level's coarse space; add it to --methods")
     return settings
 
 
@@ -194,11 +231,12 @@ def _default_out(settings: dict[str, Any]) -> Path:
 
 
 # ----------------------------------------------------------------------------- output
-def median_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Median cosine per method (rows, in the run's order) and layer (columns)."""
+def median_table(frame: pd.DataFrame, value: str = "cosine") -> pd.DataFrame:
+    """Median ``value`` (the cosine, or the energy error) per method (rows, in the run's order)
+    and layer (columns)."""
     methods = list(dict.fromkeys(frame.method))
     layers = list(dict.fromkeys(frame.layer))
-    table = frame.pivot_table(index="method", columns="layer", values="cosine", aggfunc="median")
+    table = frame.pivot_table(index="method", columns="layer", values=value, aggfunc="median")
     return table.reindex(index=methods, columns=layers)
 
 
@@ -272,7 +310,7 @@ def run(args: argparse.Namespace) -> None:
     import torch
     from torch import nn
 
-    from mbf_analysis.analysis import COLUMNS, CosineConfig, CosineDivergedError, CosineRun
+    from mbf_analysis.analysis import CosineConfig, CosineDivergedError, CosineRun
     from mbf_analysis.cli.common import check_layers, dataset_and_model, parse_device
     from mbf_analysis.errors import MBFError
     from mbf_analysis.plotting import plot_cosines, save_figure
@@ -288,6 +326,9 @@ def run(args: argparse.Namespace) -> None:
     dataset, model_name, model = dataset_and_model(problem_args)
     settings["model"] = model_name
     check_layers(model, settings["layers"])
+    options = {}
+    if settings.get("coarse") is not None:
+        options["kfac-two-level"] = {"coarse": settings["coarse"]}
     config = CosineConfig(
         methods=settings["methods"],
         iterations=settings["iterations"],
@@ -296,18 +337,22 @@ def run(args: argparse.Namespace) -> None:
         damping=settings["damping"],
         layers=settings["layers"],
         seed=settings["seed"],
+        reference=settings.get("reference", "bdf"),
+        fisher=settings.get("fisher", "empirical"),
+        method_options=options,
     )
+    columns = config.columns
     device = parse_device(args.device)
     analysis = CosineRun(model, nn.CrossEntropyLoss(), dataset.train_x, dataset.train_y, config)
-    recorder = _Recorder(out / CSV_NAME, out / STATE_NAME, analysis, COLUMNS, args.checkpoint_every)
+    recorder = _Recorder(out / CSV_NAME, out / STATE_NAME, analysis, columns, args.checkpoint_every)
     folder.add_files(CSV_NAME, STATE_NAME)
     if record is not None:
         state = torch.load(out / STATE_NAME, map_location=device, weights_only=True)
         analysis.load_state_dict(state)
-        previous = recorded_rows(out / CSV_NAME, COLUMNS, analysis.iteration)
+        previous = recorded_rows(out / CSV_NAME, columns, analysis.iteration)
         print(f"resuming {out} at iteration {analysis.iteration} of {config.iterations}")
     else:
-        previous = pd.DataFrame(columns=list(COLUMNS))
+        previous = pd.DataFrame(columns=list(columns))
     recorder.start(previous)
     if record is None:
         recorder.save()  # iteration 0, so that even an early interruption can be resumed
@@ -342,20 +387,36 @@ def run(args: argparse.Namespace) -> None:
         _record(folder, settings, args, status, timings, data_folder)
     frame = pd.read_csv(out / CSV_NAME)
     collapsed = collapse_iteration(frame)
-    title = (
-        f"{model_name} on {dataset.name}: cosine with BDF (lr {config.lr:g}, "
-        f"λ = {config.damping:g}, batch {config.batch_size})"
-    )
-    fig = plot_cosines(frame, smoothing=args.smoothing, title=title, collapse=collapsed)
-    png, pdf = save_figure(fig, out / FIGURE_NAME)
-    folder.add_files(png, pdf)
+    full = config.reference == "full"
+    against = f"F_λ⁻¹∇ ({config.fisher} Fisher, all layers)" if full else "BDF"
+    setting = f"lr {config.lr:g}, λ = {config.damping:g}, batch {config.batch_size}"
+    title = f"{model_name} on {dataset.name}: cosine with {against} ({setting})"
+    figures = [(FIGURE_NAME, "cosine", title)]
+    if full:
+        title = f"{model_name} on {dataset.name}: F_λ-norm error against F_λ⁻¹∇ ({setting})"
+        figures.append((ENERGY_FIGURE_NAME, "energy_error", title))
+    written = []
+    for name, value, title in figures:
+        fig = plot_cosines(
+            frame,
+            smoothing=args.smoothing,
+            title=title,
+            collapse=collapsed,
+            value=value,
+            reference="F_λ⁻¹∇" if full else "BDF",
+        )
+        written.extend(save_figure(fig, out / name))
+    folder.add_files(*written)
     timings["plot"] = time.perf_counter() - done
     final = frame.groupby("iteration")["loss"].first()
-    print(
-        f"median cosine with BDF over iterations 0-{int(final.index.max())} "
-        f"(loss {final.iloc[0]:.3g} → {final.iloc[-1]:.3g}):"
-    )
-    _print_table(median_table(frame))
+    values = ["cosine", "energy_error"] if full else ["cosine"]
+    for value in values:
+        what = "cosine with" if value == "cosine" else "F_λ-norm relative error against"
+        print(
+            f"median {what} {against} over iterations 0-{int(final.index.max())} "
+            f"(loss {final.iloc[0]:.3g} → {final.iloc[-1]:.3g}):"
+        )
+        _print_table(median_table(frame, value))
     if collapsed is not None:
         typical = final.loc[:collapsed].tail(5).median()
         before = frame[frame.iteration < collapsed]
@@ -366,9 +427,10 @@ def run(args: argparse.Namespace) -> None:
             f"iterations 0-{collapsed - 1}, before the collapse:"
         )
         if len(before):
-            _print_table(median_table(before))
+            for value in values:
+                _print_table(median_table(before, value))
     _record(folder, settings, args, status, timings, data_folder, collapse_iteration=collapsed)
     print(
         f"{timings['per_iteration']:.3f} s per iteration; wrote {out / CSV_NAME}, "
-        f"{out / STATE_NAME}, {folder.record_path}, {png.name}, {pdf.name}"
+        f"{out / STATE_NAME}, {folder.record_path}, {', '.join(p.name for p in written)}"
     )

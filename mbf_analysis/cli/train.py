@@ -21,7 +21,7 @@ import argparse
 import time
 from typing import Any
 
-from mbf_analysis.cli.choices import OPTIMIZERS, PRESET_SETS, PROBLEM_DATA, PROBLEMS
+from mbf_analysis.cli.choices import COARSE_SPACES, OPTIMIZERS, PRESET_SETS, PROBLEM_DATA, PROBLEMS
 from mbf_analysis.cli.common import (
     UsageError,
     add_data_dir,
@@ -59,6 +59,7 @@ TRAJECTORY = (
     "problem",
     "presets",
     "optimizer",
+    "coarse",
     "seed",
     "batch_size",
     "lr",
@@ -77,13 +78,17 @@ EXTENDABLE = ("time_budget", "epochs", "max_steps", "budget_clock")
 """Settings a ``--resume`` may change (limits reaching further extend finished runs)."""
 
 
+VARIANTS = tuple(f"kfac-two-level-{coarse}" for coarse in COARSE_SPACES)
+"""Two-level KFAC with a given coarse space, as an optimizer name (``--coarse`` expands to them)."""
+
+
 def _optimizer_list(text: str) -> list[str]:
     names = csv_list(text)
-    unknown = [n for n in names if n not in OPTIMIZERS]
+    unknown = [n for n in names if n not in OPTIMIZERS and n not in VARIANTS]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
             f"invalid choice {','.join(unknown) or text!r} (choose from {', '.join(OPTIMIZERS)}, "
-            "comma-separated)"
+            "comma-separated; kfac-two-level-<coarse> for a coarse space)"
         )
     return list(dict.fromkeys(names))
 
@@ -98,6 +103,17 @@ def _seed_list(text: str) -> list[int]:
             f"give seeds ≥ 0, comma-separated (e.g. 0,1,2), got {text!r}"
         )
     return list(dict.fromkeys(seeds))
+
+
+def _coarse_list(text: str) -> list[str]:
+    names = csv_list(text)
+    unknown = [n for n in names if n not in COARSE_SPACES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice {','.join(unknown) or text!r} "
+            f"(choose from {', '.join(COARSE_SPACES)}, comma-separated)"
+        )
+    return list(dict.fromkeys(names))
 
 
 def _float_list(check):
@@ -138,6 +154,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=_optimizer_list,
         default=None,
         help=f"optimizer(s), comma-separated, from {', '.join(OPTIMIZERS)} (default: mbf)",
+    )
+    train.add_argument(
+        "--coarse",
+        type=_coarse_list,
+        default=None,
+        help="coarse space(s) of kfac-two-level, comma-separated: one run per coarse space "
+        f"(from {', '.join(COARSE_SPACES)}; default: nicolaides)",
     )
     train.add_argument(
         "--presets",
@@ -252,7 +275,22 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         settings.setdefault(key, value)
     explicit = (args.grid_lr, args.grid_damping, args.grid_weight_decay)
     settings["grid"] = bool(args.grid or any(v is not None for v in explicit))
+    if settings.get("coarse") is not None:
+        if "kfac-two-level" not in settings["optimizer"]:
+            raise UsageError("--coarse sets kfac-two-level's coarse space; add it to --optimizer")
+        settings["optimizer"] = _expand(settings["optimizer"], settings["coarse"])
     return settings
+
+
+def _expand(optimizers: list[str], coarse: list[str]) -> list[str]:
+    """``kfac-two-level`` replaced by one ``kfac-two-level-<coarse>`` per coarse space."""
+    expanded = []
+    for name in optimizers:
+        if name == "kfac-two-level":
+            expanded += [f"kfac-two-level-{space}" for space in coarse]
+        else:
+            expanded.append(name)
+    return list(dict.fromkeys(expanded))
 
 
 def _resumed_settings(record: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -262,6 +300,8 @@ def _resumed_settings(record: dict[str, Any], args: argparse.Namespace) -> dict[
     }
     if args.grid:
         given["grid"] = True
+    if "optimizer" in given and "coarse" in given:
+        given["optimizer"] = _expand(given["optimizer"], given["coarse"])
     clash = {k: v for k, v in given.items() if saved.get(k) != v}
     if clash:
         shown = ", ".join(

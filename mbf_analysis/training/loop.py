@@ -93,7 +93,13 @@ from mbf_analysis.models import build_model
 from mbf_analysis.optim import KFAC, MBF, MethodOptimizer, Shampoo
 from mbf_analysis.training.checkpoint import drop_previous, load_checkpoint, save_checkpoint
 from mbf_analysis.training.log import LOG_COLUMNS, CsvLog, keep_rows, read_log
-from mbf_analysis.training.presets import GENERIC_OPTIMIZERS, Preset, get_preset, lr_at_epoch
+from mbf_analysis.training.presets import (
+    GENERIC_OPTIMIZERS,
+    Preset,
+    get_preset,
+    lr_at_epoch,
+    split_optimizer,
+)
 from mbf_analysis.training.problems import Problem, augment_batch, get_problem
 
 __all__ = [
@@ -183,6 +189,7 @@ def make_optimizer(
         return KFAC(model, damping=preset.damping, **curvature)
     if name == "shampoo":
         return Shampoo(model, eps=preset.damping, **curvature)
+    name = split_optimizer(name)[0]
     if name in GENERIC_OPTIMIZERS:
         if likelihood is None:
             raise ValueError(f"optimizer {name!r} needs the likelihood loss module")

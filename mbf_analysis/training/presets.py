@@ -79,6 +79,7 @@ from mbf_analysis.training.problems import PROBLEMS, Problem, get_problem
 
 __all__ = [
     "AUTOENCODER_AVERAGING",
+    "COARSE_SPACES",
     "FAST_OPTIMIZERS",
     "GENERIC_OPTIMIZERS",
     "GRIDS",
@@ -90,6 +91,8 @@ __all__ = [
     "SIZE_AVERAGING",
     "get_preset",
     "lr_at_epoch",
+    "split_optimizer",
+    "two_level_variant",
 ]
 
 FAST_OPTIMIZERS = ("mbf", "adam", "sgdm", "kfac", "shampoo")
@@ -106,7 +109,47 @@ GENERIC_OPTIMIZERS: dict[str, str] = {
 """Optimizer name → registry method, trained by :class:`~mbf_analysis.optim.MethodOptimizer`."""
 
 OPTIMIZERS = (*FAST_OPTIMIZERS, *GENERIC_OPTIMIZERS)
-"""Every optimizer name."""
+"""Every optimizer name (besides the coarse-space variants of :func:`two_level_variant`)."""
+
+TWO_LEVEL = "kfac-two-level"
+COARSE_SPACES = (
+    "nicolaides",
+    "residual",
+    "spectral",
+    "krylov-nicolaides",
+    "krylov-residual",
+    "tselepidis",
+)
+"""Two-level KFAC's coarse spaces (:data:`mbf_analysis.methods.two_level.COARSE_SPACES`)."""
+
+
+def two_level_variant(coarse: str) -> str:
+    """The optimizer name of two-level KFAC with coarse space ``coarse``:
+    ``"kfac-two-level-<coarse>"`` (``"kfac-two-level"`` itself has the default, nicolaides)."""
+    if coarse not in COARSE_SPACES:
+        raise ValueError(
+            f"unknown coarse space {coarse!r}; choose one of {', '.join(COARSE_SPACES)}"
+        )
+    return f"{TWO_LEVEL}-{coarse}"
+
+
+def split_optimizer(name: str) -> tuple[str, dict[str, Any]]:
+    """``(optimizer, extra options)``: a coarse-space variant ``"kfac-two-level-<coarse>"`` is
+    ``("kfac-two-level", {"coarse": coarse})``; any other name is itself, without options.
+
+    Raises:
+        ValueError: For an unknown name (the message lists the known ones).
+    """
+    if name in OPTIMIZERS:
+        return name, {}
+    prefix = f"{TWO_LEVEL}-"
+    if name.startswith(prefix) and name[len(prefix) :] in COARSE_SPACES:
+        return TWO_LEVEL, {"coarse": name[len(prefix) :]}
+    variants = ", ".join(two_level_variant(c) for c in COARSE_SPACES)
+    raise ValueError(
+        f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)} (and {variants})"
+    )
+
 
 KRONECKER_SCHEDULE: dict[str, Any] = {
     "stat_period": 100,
@@ -455,7 +498,8 @@ def get_preset(
     presets: str = "ours",
 ) -> Preset:
     """The preset of ``(problem, optimizer)`` in the set ``presets`` with the given values
-    replaced.
+    replaced; a two-level variant ``"kfac-two-level-<coarse>"`` has two-level KFAC's preset with
+    that coarse space.
 
     Raises:
         ValueError: For an unknown optimizer or preset set, a problem without a preset for the
@@ -463,8 +507,7 @@ def get_preset(
             ``weight_decay``.
     """
     problem = get_problem(problem)
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    optimizer, extra = split_optimizer(optimizer)
     if presets not in PRESET_SETS:
         raise ValueError(f"unknown preset set {presets!r}; choose one of {', '.join(PRESET_SETS)}")
     key = (problem.name, optimizer)
@@ -476,6 +519,8 @@ def get_preset(
             f"presets for {', '.join(where)}"
         )
     preset = replace(PRESETS[key], **PRESET_SETS[presets].get(key, {}))
+    if extra:
+        preset = replace(preset, options={**preset.options, **extra})
     if lr is not None:
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr}")

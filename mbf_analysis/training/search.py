@@ -30,7 +30,7 @@ import pandas as pd
 
 from mbf_analysis.data import Dataset, load_dataset
 from mbf_analysis.training.loop import TrainingDiverged, train
-from mbf_analysis.training.presets import GRIDS, OPTIMIZERS, get_preset
+from mbf_analysis.training.presets import GRIDS, OPTIMIZERS, get_preset, split_optimizer
 from mbf_analysis.training.problems import Problem, get_problem
 
 __all__ = ["SUMMARY_COLUMNS", "compare", "grid_search", "summarize", "summarize_seeds"]
@@ -56,11 +56,10 @@ SUMMARY_COLUMNS = (
 
 
 def _check_optimizers(optimizers: Sequence[str]) -> None:
-    unknown = [o for o in optimizers if o not in OPTIMIZERS]
-    if unknown or not optimizers:
-        raise ValueError(
-            f"unknown optimizer(s) {unknown or '(none given)'}; choose from {', '.join(OPTIMIZERS)}"
-        )
+    if not optimizers:
+        raise ValueError(f"no optimizer given; choose from {', '.join(OPTIMIZERS)}")
+    for name in optimizers:
+        split_optimizer(name)
 
 
 def _run(problem: Problem, optimizer: str, **kwargs: Any) -> pd.DataFrame:
@@ -228,7 +227,8 @@ def grid_search(
     _check_optimizers([optimizer])
     preset = get_preset(problem, optimizer, presets=kwargs.get("presets", "ours"))
     if lrs is None and dampings is None and weight_decays is None:
-        grid = GRIDS["autoencoder" if problem.is_autoencoder else "classifier"][optimizer]
+        kind = "autoencoder" if problem.is_autoencoder else "classifier"
+        grid = GRIDS[kind][split_optimizer(optimizer)[0]]
         lrs, dampings, weight_decays = (
             grid["lr"],
             grid.get("damping"),
