@@ -23,8 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mbf_analysis.curvature.collect import DESCRIPTIONS, Stats, collect
-from mbf_analysis.methods import base as _base
+from mbf_analysis.curvature.collect import Stats, collect
 from mbf_analysis.methods.adam import Adam, AdamConfig
 from mbf_analysis.methods.base import Method, MethodConfig, momentum_
 from mbf_analysis.methods.bdf import BDF, BDFConfig
@@ -34,6 +33,7 @@ from mbf_analysis.methods.mbf import (
     MBF,
     BlockPlan,
     MBFConfig,
+    SpatialAveraging,
     adam_like,
     ema_outer_,
     inverse_by_size,
@@ -62,6 +62,7 @@ __all__ = [
     "SGDMConfig",
     "Shampoo",
     "ShampooConfig",
+    "SpatialAveraging",
     "Stats",
     "TwoLevelKFAC",
     "TwoLevelKFACConfig",
@@ -101,11 +102,6 @@ _REGISTRY: dict[str, _Entry] = {
     "kfac-corrected": _Entry(KroneckerSVD, KroneckerSVDConfig, {"approximation": "kfac-corrected"}),
     "kfac-two-level": _Entry(TwoLevelKFAC, TwoLevelKFACConfig, {}),
 }
-
-# Stopgap until methods/base.py takes its statistic descriptions from collect.DESCRIPTIONS:
-# base.update names a statistic with NaN/Inf through its own table, which predates the
-# per-sample Kronecker statistics.
-_base._WHAT.update({k: v for k, v in DESCRIPTIONS.items() if k not in _base._WHAT})
 
 
 def names() -> list[str]:

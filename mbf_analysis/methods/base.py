@@ -28,27 +28,12 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor
 
-from mbf_analysis.curvature.collect import (
-    GRAD,
-    KFAC_FACTORS,
-    KFAC_FACTORS_SAMPLED,
-    PER_SAMPLE_GRAD,
-    SAMPLED_GRAD,
-    Stats,
-)
+from mbf_analysis.curvature.collect import DESCRIPTIONS, GRAD, Stats
 from mbf_analysis.curvature.memory import check_dense, resolve_budget
 from mbf_analysis.errors import NonFiniteError
 from mbf_analysis.layout import LayerLayout
 
 __all__ = ["Method", "MethodConfig", "momentum_", "check_range", "check_period", "check_choice"]
-
-_WHAT = {
-    GRAD: "the minibatch gradient",
-    PER_SAMPLE_GRAD: "the per-sample gradients",
-    SAMPLED_GRAD: "the sampled-label minibatch gradient",
-    KFAC_FACTORS: "the KFAC factors",
-    KFAC_FACTORS_SAMPLED: "the sampled-label KFAC factors",
-}
 
 C = TypeVar("C", bound="MethodConfig")
 
@@ -165,11 +150,19 @@ class Method(ABC):
 
         A front-end that collects only these (:func:`~mbf_analysis.curvature.collect.collect`
         with ``needs=method.next_needs()``) saves the curvature pass on the steps a method's
-        periods skip. Default: :attr:`needs`, every statistic at every step. A method that reads
-        some statistics only on the steps its periods select (``k ≡ 0 mod T``) overrides this;
-        its :meth:`update` must then also accept statistics without the others.
+        periods skip. The registry's convention, the default here: the periods of a method are
+        the integer fields of its configuration whose names end in ``_period``
+        (``stat_period``, ``inverse_period``); it reads the statistics beyond the gradient only
+        on the steps ``k`` one of them divides (KFAC's inverse steps read which layers have
+        factors), and at every step when it has none. A method whose statistics follow another
+        rule overrides this; its :meth:`update` must then accept statistics without the others.
         """
-        return self.needs
+        periods = [
+            getattr(self.config, f.name) for f in fields(self.config) if f.name.endswith("_period")
+        ]
+        if not periods or any(self._due(period) for period in periods):
+            return self.needs
+        return self.needs & {GRAD}
 
     def update(self, stats: Stats) -> None:
         """Fold one minibatch's statistics into the state (first moment, curvature, inverses).
@@ -183,7 +176,7 @@ class Method(ABC):
         """
         self._check_layouts(stats.layouts)
         for need in sorted(self.next_needs()):
-            self._check_finite(stats.statistic(need), _WHAT[need])
+            self._check_finite(stats.statistic(need), DESCRIPTIONS[need])
         if self.layouts is None:
             self.layouts = dict(stats.layouts)
         self._update(stats)

@@ -16,7 +16,15 @@ parameter groups, ``state_dict``, LR schedulers, closures and ``DistributedDataP
 
 from mbf_analysis.optim.generic import MethodOptimizer
 from mbf_analysis.optim.kfac import KFAC, kfac_true_step
-from mbf_analysis.optim.mbf import MBF, mbf_true_step
+from mbf_analysis.optim.mbf import MBF, SpatialAveraging, mbf_true_step
 from mbf_analysis.optim.shampoo import Shampoo
 
-__all__ = ["KFAC", "MBF", "MethodOptimizer", "Shampoo", "kfac_true_step", "mbf_true_step"]
+__all__ = [
+    "KFAC",
+    "MBF",
+    "MethodOptimizer",
+    "Shampoo",
+    "SpatialAveraging",
+    "kfac_true_step",
+    "mbf_true_step",
+]

@@ -111,24 +111,10 @@ _KEYS = ("method", "method_config", "step", "generator", "fisher_fraction", "kl_
 
 
 def next_needs(method: Method) -> frozenset[str]:
-    """The statistics ``method``'s next :meth:`~mbf_analysis.methods.Method.update` reads.
-
-    The registry's convention (module docstring): the periods of a method are the integer
-    fields of its configuration whose names end in ``_period`` (``stat_period``,
-    ``inverse_period``); it reads the statistics beyond ``grad`` only on the steps ``k`` where
-    one of them divides ``k`` (KFAC's inverse steps read which layers have factors), and at
-    every step if it has none.
-
-    Returns:
-        ``method.needs`` on those steps, ``method.needs ∩ {"grad"}`` on the others.
-    """
-    config = method.config
-    periods = [
-        getattr(config, f.name) for f in dataclasses.fields(config) if f.name.endswith("_period")
-    ]
-    if not periods or any(method.step % period == 0 for period in periods):
-        return method.needs
-    return method.needs & {GRAD}
+    """The statistics ``method``'s next :meth:`~mbf_analysis.methods.Method.update` reads:
+    :meth:`Method.next_needs <mbf_analysis.methods.Method.next_needs>` (by default the
+    statistics beyond ``grad`` only on the steps the method's periods select)."""
+    return method.next_needs()
 
 
 class _NotCollected(Mapping):
