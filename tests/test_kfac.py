@@ -403,3 +403,29 @@ def test_input_factor_equals_the_gram_matrix_of_unfolded_patches(conv):
         patches = torch.cat([patches, torch.ones(*patches.shape[:2], 1, dtype=DT)], dim=2)
     rows = patches.flatten(0, 1)
     torch.testing.assert_close(input_factor(conv, x), rows.T @ rows / 3)
+
+
+def test_a_float32_eigendecomposition_that_fails_is_redone_in_float64(monkeypatch):
+    """float32 eigh can fail to converge on real autoencoder factors; eigen_inverse then works
+    in float64 and gives the float64 answer."""
+    from mbf_analysis.curvature import kfac as curvature_kfac
+
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(12, 7, generator=gen, dtype=torch.float64)
+    g = torch.randn(9, 5, generator=gen, dtype=torch.float64)
+    A, G = (a.T @ a / 12), (g.T @ g / 9)
+    eigh = torch.linalg.eigh
+
+    def failing_in_float32(M):
+        if M.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.eigh: the algorithm failed to converge")
+        return eigh(M)
+
+    monkeypatch.setattr(torch.linalg, "eigh", failing_in_float32)
+    got = curvature_kfac.eigen_inverse(A.float(), G.float())
+    ref = curvature_kfac.eigen_inverse(A, G)
+    assert got.q_a.dtype == torch.float32
+    V = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    x = curvature_kfac.apply_eigen_inverse(got, V.float(), 1e-2).double()
+    x_ref = curvature_kfac.apply_eigen_inverse(ref, V, 1e-2)
+    assert torch.allclose(x, x_ref, rtol=1e-4, atol=1e-5)

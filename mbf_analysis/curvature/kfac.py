@@ -45,13 +45,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from mbf_analysis.errors import UnsupportedModuleError
+from mbf_analysis.errors import NonFiniteError, UnsupportedModuleError
 from mbf_analysis.layout import LayerLayout
 from mbf_analysis.linalg import add_gram_, damped_inverse, split_damping_pi, symmetrize
 
 __all__ = [
     "KronFactors",
     "KronSamples",
+    "factor_eigh",
     "per_sample_inputs",
     "KFAC_MODULES",
     "check_kfac_module",
@@ -327,14 +328,39 @@ class SplitInverse(NamedTuple):
     p_g: Tensor
 
 
+def factor_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
+    """``eigh`` of symmetric PSD Kronecker factors ``[*, n, n]``, eigenvalues clamped at 0.
+
+    A float32 ``eigh`` can fail to converge on real factors (seen on the MNIST autoencoder's
+    1000-wide layers); it is then redone in float64 and cast back, as is one that returns
+    non-finite values.
+    """
+    M = symmetrize(M)
+    try:
+        w, q = torch.linalg.eigh(M)
+        finite = bool(torch.isfinite(w).all()) and bool(torch.isfinite(q).all())
+    except torch.linalg.LinAlgError:
+        finite = False
+    if not finite:
+        if M.dtype == torch.float64:
+            raise NonFiniteError(
+                "the eigendecomposition of a KFAC factor failed in float64; the factor is not a "
+                "finite symmetric matrix"
+            )
+        w, q = torch.linalg.eigh(M.double())
+        w, q = w.to(M.dtype), q.to(M.dtype)
+    return w.clamp_min(0), q
+
+
 def eigen_inverse(A: Tensor, G: Tensor) -> EigenInverse:
     """The decompositions that :func:`apply_eigen_inverse` needs (computed every ``T2`` steps).
 
-    Eigenvalues are clamped at 0 (both factors are PSD up to rounding).
+    Eigenvalues are clamped at 0 (both factors are PSD up to rounding); a float32 ``eigh`` that
+    fails is redone in float64 (:func:`factor_eigh`).
     """
-    w_a, q_a = torch.linalg.eigh(symmetrize(A))
-    w_g, q_g = torch.linalg.eigh(symmetrize(G))
-    return EigenInverse(q_a, w_a.clamp_min(0), q_g, w_g.clamp_min(0))
+    w_a, q_a = factor_eigh(A)
+    w_g, q_g = factor_eigh(G)
+    return EigenInverse(q_a, w_a, q_g, w_g)
 
 
 def apply_eigen_inverse(inverse: EigenInverse, V: Tensor, damping: float) -> Tensor:

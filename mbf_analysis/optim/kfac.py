@@ -86,12 +86,13 @@ from mbf_analysis.curvature.kfac import (
     apply_eigen_inverse,
     apply_split_inverse,
     check_kfac_module,
+    factor_eigh,
     input_factor,
     output_factor,
 )
 from mbf_analysis.errors import NonFiniteError, UnsupportedModuleError
 from mbf_analysis.layout import LayerLayout
-from mbf_analysis.linalg import all_finite, damped_inverse, symmetrize
+from mbf_analysis.linalg import all_finite, damped_inverse
 from mbf_analysis.methods.base import momentum_
 from mbf_analysis.optim.common import (
     PlacedLayer,
@@ -572,13 +573,14 @@ def batched_eigen_inverses(factors: Sequence[tuple[Tensor, Tensor]]) -> list[Eig
     """``[eigen_inverse(A, G) for A, G in factors]``, one ``eigh`` call per size.
 
     The decompositions of :func:`~mbf_analysis.curvature.kfac.eigen_inverse` (the reference it is
-    tested against): symmetrized factors, eigenvalues clamped at 0.
+    tested against): symmetrized factors, eigenvalues clamped at 0, float64 where float32 fails
+    (:func:`~mbf_analysis.curvature.kfac.factor_eigh`).
     """
     mats = [m for pair in factors for m in pair]
 
     def decompose(stack: Tensor, index: list[int]) -> tuple[Tensor, Tensor]:
-        w, q = torch.linalg.eigh(symmetrize(stack))
-        return q, w.clamp_min(0)
+        w, q = factor_eigh(stack)
+        return q, w
 
     pairs = _grouped(mats, decompose)
     return [EigenInverse(*pairs[2 * i], *pairs[2 * i + 1]) for i in range(len(factors))]
