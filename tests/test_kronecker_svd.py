@@ -14,6 +14,7 @@ from torch import nn
 from mbf_analysis import methods
 from mbf_analysis.curvature import layer_fisher
 from mbf_analysis.curvature.collect import (
+    GRAD,
     KRON_SAMPLES,
     KRON_SAMPLES_EXACT,
     KRON_SAMPLES_SAMPLED,
@@ -29,10 +30,13 @@ from mbf_analysis.linalg import (
 )
 from mbf_analysis.methods.kronecker_svd import (
     APPROXIMATIONS,
+    apply_split_rank2_inverse,
+    clear_negligible,
     kfac_factors,
     kronecker_approximation,
     rearranged_fisher,
     sample_grams,
+    split_rank2_inverse,
     z_matvec,
     z_rmatvec,
 )
@@ -322,6 +326,164 @@ def test_rank2_inverse_survives_eigh_failures(monkeypatch, failures):
     X, _ = rank2_kron_damped_solve(*single[:4], single[4], lam)
     assert X.dtype == torch.float32 and calls["failed"] == failures
     torch.testing.assert_close(X.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def _low_rank_sym(n, rank, gen, scale):
+    """A symmetric indefinite ``[n, n]`` matrix of rank ``rank``."""
+    x = torch.randn(n, rank, generator=gen, dtype=DT)
+    w = torch.randn(rank, generator=gen, dtype=DT)
+    return scale * (x * w) @ x.T
+
+
+@pytest.mark.parametrize("floor", [1e-2, 0.999])
+def test_split_rank2_inverse_is_kfac_plus_a_low_rank_correction(floor):
+    # A₂ of rank 2 and G₂ of rank 3: s_a, s_g have 2 and 3 non-zero entries, so the inverse is
+    # (A₁'⊗G₁')⁻¹ plus a correction through 3 columns of K_g and 2 of K_a.
+    gen = torch.Generator().manual_seed(13)
+    a, g, lam = 9, 7, 0.01
+    A1, G1 = _sym(a, gen, True), _sym(g, gen, True)
+    A2, G2 = _low_rank_sym(a, 2, gen, 0.05), _low_rank_sym(g, 3, gen, 0.05)
+    inverse = rank2_kron_inverse(A1, G1, A2, G2, lam, floor=floor)
+    split = split_rank2_inverse(inverse)
+    assert split is not None
+    assert split.r_a.shape == (a, 2) and split.r_g.shape == (g, 3) and split.corr.shape == (3, 2)
+    root = math.sqrt(lam)
+    eye_a, eye_g = torch.eye(a, dtype=DT), torch.eye(g, dtype=DT)
+    torch.testing.assert_close(split.p_a, torch.linalg.inv(A1 + root * eye_a))
+    torch.testing.assert_close(split.p_g, torch.linalg.inv(G1 + root * eye_g))
+    V = torch.randn(g, a, generator=gen, dtype=DT)
+    X = apply_split_rank2_inverse(split, V)
+    torch.testing.assert_close(X, apply_rank2_kron_inverse(inverse, V))
+    if floor == 0.999:  # denominators below 0.999 clamped: only the four products agree
+        assert int(inverse.clamped) > 0
+        return
+    assert int(inverse.clamped) == 0
+    dense = torch.kron(A1 + root * eye_a, G1 + root * eye_g) + torch.kron(A2, G2)
+    reference = torch.linalg.solve(dense, V.T.reshape(-1)).reshape(a, g).T
+    torch.testing.assert_close(X, reference)
+
+
+def test_split_rank2_inverse_declines_full_rank_second_factors():
+    gen = torch.Generator().manual_seed(14)
+    a, g = 9, 7
+    A1, G1 = _sym(a, gen, True), _sym(g, gen, True)
+    A2, G2 = 0.1 * _sym(a, gen, False), 0.1 * _sym(g, gen, False)
+    assert split_rank2_inverse(rank2_kron_inverse(A1, G1, A2, G2, 0.01)) is None
+
+
+@pytest.mark.parametrize("name", ["deflation", "lanczos", "kfac-corrected"])
+def test_rank2_method_applies_the_split_inverse_while_the_second_pair_has_low_rank(name):
+    # Layers wider than the Fisher batch (2 samples per update): A₂, G₂ have rank ≤ 2 per
+    # update, so the direction goes through the split form; it is the dense damped solve and the
+    # four-product form's direction, update after update.
+    torch.manual_seed(15)
+    model = nn.Sequential(nn.Linear(10, 9), nn.Tanh(), nn.Linear(9, 8)).to(DT)
+    gen = torch.Generator().manual_seed(15)
+    lam = 0.3  # A₁ + √λI positive definite for Lanczos's Ritz pair too (no PSD clamping)
+    options = {"damping": lam, "fisher": "empirical", "decay": 0.5, "decay_warmup": False}
+    runs = {split: methods.get(name, low_rank_apply=split, **options) for split in (True, False)}
+    root = math.sqrt(lam)
+    layouts = model_layouts(model)
+    for _ in range(2):
+        x = torch.randn(2, 10, generator=gen, dtype=DT)
+        y = torch.randint(0, 8, (2,), generator=gen)
+        stats = collect(model, nn.CrossEntropyLoss(), x, y, runs[True].needs)
+        for method in runs.values():
+            method.update(stats)
+        fast, reference = runs[True].direction(), runs[False].direction()
+        for layer, layout in layouts.items():
+            assert "corr" in runs[True].state[layer] and "corr" not in runs[False].state[layer]
+            (A1, G1), (A2, G2) = runs[True].kronecker_factors(layer)
+            eye_a, eye_g = torch.eye(A1.shape[0], dtype=DT), torch.eye(G1.shape[0], dtype=DT)
+            damped = torch.kron(A1 + root * eye_a, G1 + root * eye_g) + torch.kron(A2, G2)
+            momentum = to_matrix(layout, runs[True].state[layer]["m"])
+            X = torch.linalg.solve(damped, momentum.T.reshape(-1)).reshape(A1.shape[0], -1).T
+            torch.testing.assert_close(to_matrix(layout, fast[layer]), X)
+            torch.testing.assert_close(fast[layer], reference[layer])
+    with pytest.raises(ValueError, match="low_rank_apply must be a bool"):
+        methods.get(name, low_rank_apply=1)
+
+
+def test_clear_negligible_zeroes_entries_below_eps_times_their_column_max():
+    for dtype in (torch.float32, DT):
+        eps, tiny = torch.finfo(dtype).eps, torch.finfo(dtype).tiny
+        k = torch.tensor([[2.0, 1e-3], [-eps, tiny / 4], [3 * eps, -1e-35]], dtype=dtype)
+        expected = [[2.0, 1e-3], [0.0, 0.0], [3 * eps, 0.0]]  # column maxima 2 and 1e-3
+        assert clear_negligible(k).tolist() == torch.tensor(expected, dtype=dtype).tolist()
+
+
+@pytest.mark.parametrize("low_rank_apply", [True, False])
+def test_rank2_method_clears_the_negligible_entries_of_its_inverse(low_rank_apply):
+    # Dead inputs and dead ReLU units (as the MNIST autoencoder's pixels and units) make zero rows
+    # in the factors; the float32 eigenvectors then hold rounding noise where K is 0 (on MNIST
+    # down to 1e-39, whose subnormal products slowed every step's products up to 10x). The
+    # method sets those entries to 0, and its direction is still the dense damped solve.
+    torch.manual_seed(16)
+    model = nn.Sequential(nn.Linear(10, 9), nn.ReLU(), nn.Linear(9, 8))
+    x, y = torch.randn(4, 10), torch.randint(0, 8, (4,))
+    x[:, :3] = 0.0
+    stats = collect(model, nn.CrossEntropyLoss(), x, y, {GRAD, KRON_SAMPLES})
+    lam = 0.3
+    method = methods.get(
+        "deflation", damping=lam, fisher="empirical", low_rank_apply=low_rank_apply
+    )
+    method.update(stats)
+    eps, root = torch.finfo(torch.float32).eps, math.sqrt(lam)
+
+    def negligible(k):
+        size = k.abs()
+        return int(((size > 0) & (size <= eps * size.amax(0, keepdim=True))).sum())
+
+    raw = 0
+    for layer, layout in model_layouts(model).items():
+        slot = method.state[layer]
+        (A1, G1), (A2, G2) = method.kronecker_factors(layer)
+        inverse = rank2_kron_inverse(A1, G1, A2, G2, lam)
+        raw += negligible(inverse.k_a) + negligible(inverse.k_g)
+        assert negligible(slot["k_a"]) == negligible(slot["k_g"]) == 0
+        assert ("corr" in slot) == low_rank_apply
+        (A1, G1), (A2, G2) = ((A.double(), G.double()) for A, G in ((A1, G1), (A2, G2)))
+        eye_a, eye_g = torch.eye(A1.shape[0], dtype=DT), torch.eye(G1.shape[0], dtype=DT)
+        damped = torch.kron(A1 + root * eye_a, G1 + root * eye_g) + torch.kron(A2, G2)
+        V = to_matrix(layout, slot["m"]).double()
+        X = torch.linalg.solve(damped, V.T.reshape(-1)).reshape(A1.shape[0], -1).T
+        direction = to_matrix(layout, method.direction()[layer]).double()
+        torch.testing.assert_close(direction, X, rtol=1e-4, atol=1e-6)
+    assert raw > 0  # the raw inverse had such entries
+
+
+@pytest.mark.parametrize("name", ["deflation", "lanczos", "kfac-corrected"])
+def test_rank2_method_redoes_a_silently_non_finite_float32_inverse_in_float64(monkeypatch, name):
+    # float32 LAPACK eigh can return NaN without raising (MNIST autoencoder, fc6): the method
+    # rebuilds that inverse from float64 factors, so its direction is the dense damped solve.
+    model = _model(12).float()
+    x, y = torch.randn(M, 3), torch.randint(0, 3, (M,))
+    stats = collect(model, nn.CrossEntropyLoss(), x, y, {GRAD, KRON_SAMPLES})
+    lam = 0.05
+    original = torch.linalg.eigh
+    calls = {"nan": 0}
+
+    def silent_nan(mats):
+        w, q = original(mats)
+        if mats.dtype == torch.float32:
+            calls["nan"] += 1
+            return w, q.clone().fill_(float("nan"))
+        return w, q
+
+    monkeypatch.setattr(torch.linalg, "eigh", silent_nan)
+    method = methods.get(name, damping=lam, fisher="empirical", momentum=0.0, decay=0.0)
+    method.update(stats)
+    assert calls["nan"] > 0
+    root = math.sqrt(lam)
+    for layer, layout in model_layouts(model).items():
+        (A1, G1), (A2, G2) = (tuple(t.double() for t in f) for f in method.kronecker_factors(layer))
+        eye_a, eye_g = torch.eye(A1.shape[0], dtype=DT), torch.eye(G1.shape[0], dtype=DT)
+        damped = torch.kron(A1 + root * eye_a, G1 + root * eye_g) + torch.kron(A2, G2)
+        V = to_matrix(layout, stats.grad[layer]).double()
+        X = torch.linalg.solve(damped, V.T.reshape(-1)).reshape(A1.shape[0], -1).T
+        direction = to_matrix(layout, method.direction()[layer])
+        assert direction.dtype == torch.float32
+        torch.testing.assert_close(direction.double(), X, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", APPROXIMATIONS)
