@@ -17,6 +17,7 @@ is shown, no backend is required; works under ``matplotlib.use("Agg")``), draws 
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -510,6 +511,12 @@ def plot_training_curves(
     return fig
 
 
+MIN_LEGEND_WIDTH = 5.0
+"""Inches: the narrowest error figure, so that a single panel's four-column legend fits."""
+TITLE_CHARS_PER_INCH = 15
+"""Characters of a 9-point title per inch of figure width, where titles wrap."""
+
+
 def plot_approximation_errors(
     frame: pd.DataFrame,
     *,
@@ -553,8 +560,9 @@ def plot_approximation_errors(
     kinds = [k for k in ("error", "singular_error") if k in frame.columns]
     ncols = min(ncols, len(layers))
     nrows = -(-len(layers) // ncols)
+    width = max(1.12 * panel_size * ncols, MIN_LEGEND_WIDTH)
     height = panel_size * nrows + 0.5 + (0.3 if title else 0.0)
-    fig = Figure(figsize=(1.12 * panel_size * ncols, height), layout="constrained")
+    fig = Figure(figsize=(width, height), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
     colors = dict(zip(drawn, sns.color_palette(n_colors=max(len(drawn), 1)), strict=False))
     styles = {"error": "-", "singular_error": "--"}
@@ -603,5 +611,5 @@ def plot_approximation_errors(
     if zero:
         legend.set_title(f"0 by construction, not drawn: {', '.join(zero)}", prop={"size": 7})
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(textwrap.fill(title, int(width * TITLE_CHARS_PER_INCH)), fontsize=9)
     return fig

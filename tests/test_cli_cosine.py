@@ -120,8 +120,18 @@ def test_resume_extends_a_finished_run_to_more_iterations(tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert _run(whole, "--iterations", "5") == 0
     assert _run(parts, "--iterations", "3") == 0
+    first = json.loads((parts / "run.json").read_text())["timings_s"]
     assert main(["cosine", "--resume", "--out", str(parts), "--iterations", "5"]) == 0
     pd.testing.assert_frame_equal(_rows(parts), _rows(whole))
+    # the timings add up over the sessions; a resume with nothing left keeps them
+    second = json.loads((parts / "run.json").read_text())["timings_s"]
+    assert first["iterations_done"] == 3 and second["iterations_done"] == 5
+    assert second["iterations"] > first["iterations"] > 0
+    assert second["per_iteration"] == pytest.approx(second["iterations"] / 5)
+    assert main(["cosine", "--resume", "--out", str(parts), "--no-progress"]) == 0
+    third = json.loads((parts / "run.json").read_text())["timings_s"]
+    assert third["iterations_done"] == 5
+    assert third["iterations"] == pytest.approx(second["iterations"], abs=0.05)
 
 
 def test_the_paper_preset_runs_the_paper_setting_on_real_data(tmp_path):
@@ -178,24 +188,28 @@ def test_a_diverging_run_keeps_its_rows_and_says_what_to_change(tmp_path, capsys
 
 def test_the_all_layer_reference_writes_the_energy_error_and_the_network_rows(tmp_path, capsys):
     out = tmp_path / "full"
-    argv = ["cosine", "--reference", "full", "--fisher", "exact", "--coarse", "residual"]
+    argv = ["cosine", "--reference", "full", "--fisher", "exact", "--coarse", "residual,spectral"]
     argv += ["--methods", "kfac,kfac-two-level", "--iterations", "3", "--batch-size", "64"]
     assert main([*argv, "--no-progress", "--out", str(out)]) == 0
     rows = pd.read_csv(out / "cosine.csv")
     assert list(rows.columns) == list(FULL_COLUMNS)
-    assert set(rows.method) == {"kfac", "kfac-two-level", "bdf"}  # BDF is compared too
+    two_level = ["kfac-two-level-residual", "kfac-two-level-spectral"]  # one per coarse space
+    assert list(dict.fromkeys(rows.method)) == ["kfac", *two_level, "bdf"]  # BDF is compared too
     assert set(rows.layer) == {"fc1", "fc2", "fc3", NETWORK}
     network = rows[rows.layer == NETWORK].set_index(["iteration", "method"]).energy_error
     for k in range(3):  # the coarse correction never raises the network's energy error
-        assert network[k, "kfac-two-level"] <= network[k, "kfac"] + 1e-12
+        for name in two_level:
+            assert network[k, name] <= network[k, "kfac"] + 1e-12
+    assert network[0, two_level[0]] != network[0, two_level[1]]  # different coarse spaces
     for name in ("cosine.png", "energy_error.png", "energy_error.pdf"):
         assert (out / name).stat().st_size > 0
     settings = json.loads((out / "run.json").read_text())["settings"]
     assert (settings["reference"], settings["fisher"], settings["coarse"]) == (
         "full",
         "exact",
-        "residual",
+        ["residual", "spectral"],
     )
+    assert settings["methods"] == ["kfac", *two_level]
     printed = capsys.readouterr().out
     assert "median F_λ-norm relative error against F_λ⁻¹∇ (exact Fisher, all layers)" in printed
     assert main(["cosine", "--resume", "--out", str(out), "--iterations", "4"]) == 0

@@ -434,6 +434,32 @@ def test_full_reference_matches_a_dense_computation(kind, solver):
     assert losses.equals(reference.groupby("iteration").loss.first())  # the same trajectory
 
 
+def test_coarse_space_variants_compare_side_by_side_as_in_their_own_runs():
+    """``kfac-two-level-<coarse>`` names in one run give the rows that each coarse space gives
+    in a run of its own (``method_options``), along the same trajectory."""
+    shared = {"batch_size": N, "damping": 0.05, "iterations": 2, "reference": "full"}
+    spaces = ("residual", "tselepidis")
+    variants = [f"kfac-two-level-{coarse}" for coarse in spaces]
+    together = _run(CosineConfig(methods=["kfac", *variants], **shared)).run(progress=False)
+    assert list(dict.fromkeys(together.method)) == ["kfac", *variants, "bdf"]
+    for coarse, name in zip(spaces, variants, strict=True):
+        alone = _run(
+            CosineConfig(
+                methods=["kfac-two-level"],
+                method_options={"kfac-two-level": {"coarse": coarse}},
+                **shared,
+            )
+        ).run(progress=False)
+        mine = together[together.method == name].reset_index(drop=True)
+        theirs = alone[alone.method == "kfac-two-level"].reset_index(drop=True)
+        for column in ("cosine", "energy_error", "loss"):
+            assert mine[column].to_numpy() == pytest.approx(theirs[column].to_numpy(), rel=1e-12)
+    a, b = (together[together.method == name].energy_error.to_numpy() for name in variants)
+    assert not (a == b).all()  # the variants are different methods
+    with pytest.raises(ValueError, match="kfac-two-level-krylov-residual"):
+        CosineConfig(methods=["kfac-two-level-nope"])
+
+
 def test_full_reference_frame_layout_and_one_pass_per_iteration():
     run = _run(CosineConfig(methods=["mbf", "sgdm"], batch_size=6, reference="full"))
     calls = []

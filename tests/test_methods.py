@@ -353,3 +353,16 @@ def test_one_shot_directions_use_this_batch_only(kind):
     for name in names:
         for layer in out[name]:
             torch.testing.assert_close(again[name][layer], out[name][layer])
+
+
+def test_variant_names_resolve_to_their_registered_method_and_settings():
+    from mbf_analysis.methods.two_level import COARSE_SPACES
+
+    assert methods.variants() == [f"kfac-two-level-{coarse}" for coarse in COARSE_SPACES]
+    assert methods.resolve("kfac") == ("kfac", {})
+    for coarse, name in zip(COARSE_SPACES, methods.variants(), strict=True):
+        registered, fixed = methods.resolve(name)
+        assert registered == "kfac-two-level" and fixed == {"coarse": coarse}
+        assert methods.get(registered, **fixed).config.coarse == coarse
+    with pytest.raises(KeyError, match="kfac-two-level-residual"):
+        methods.resolve("kfac-two-level-none")

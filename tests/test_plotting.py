@@ -9,11 +9,13 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from mbf_analysis.plotting import (  # noqa: E402
     BLOCK_GID,
+    plot_approximation_errors,
     plot_cosines,
     plot_heatmap_grid,
     plot_inverse_heatmap,
@@ -206,3 +208,24 @@ def test_heatmap_grid_zooms_into_matrices_with_many_blocks():
     np.testing.assert_allclose(image.get_array(), np.abs(big[:20, :20]))
     assert image.norm.vmax == pytest.approx(np.abs(big).max())  # the whole matrix's scale
     assert "true Fisher" in fig._suptitle.get_text()
+
+
+def test_a_one_layer_error_figure_keeps_its_legend_and_title_inside():
+    """The paper's fc5 figure has one panel: its 4-column legend and long title must fit."""
+    methods = ["kfac", "kpsvd", "deflation", "lanczos", "kfac-corrected", "mbf", "mbf-exact"]
+    frame = pd.DataFrame(
+        [
+            {"iteration": k, "layer": "fc5", "method": m, "error": 0.1 + j, "singular_error": 0.2}
+            for k in range(4)
+            for j, m in enumerate(methods)
+        ]
+    )
+    title = "mnist-ae on mnist: ‖F − F̂‖/‖F‖ along adam (lr 0.001), true Fisher, batch 512"
+    fig = plot_approximation_errors(frame, title=title)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    box = fig.bbox
+    for artist in (fig.legends[0], fig._suptitle):
+        extent = artist.get_window_extent(renderer)
+        assert box.x0 - 1 <= extent.x0 and extent.x1 <= box.x1 + 1, artist
+    assert "\n" in fig._suptitle.get_text()  # wrapped

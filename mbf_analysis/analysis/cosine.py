@@ -188,8 +188,10 @@ class CosineConfig:
     """Settings of the trajectory analysis (module docstring).
 
     Attributes:
-        methods: Registry names of the compared methods (:func:`mbf_analysis.methods.names`),
-            in the order of the rows; ``"bdf"`` is allowed (its cosine is 1).
+        methods: Registry names of the compared methods (:func:`mbf_analysis.methods.names`)
+            or variants (:func:`mbf_analysis.methods.variants`: one
+            ``"kfac-two-level-<coarse>"`` per coarse space), in the order of the rows;
+            ``"bdf"`` is allowed (its cosine is 1).
         iterations: Number of iterations :meth:`CosineRun.run` does by default.
         batch_size: Minibatch size ``m`` (at most the number of training samples).
         lr: Learning rate ``α`` of the BDF step.
@@ -236,7 +238,7 @@ class CosineConfig:
 
     def __post_init__(self) -> None:
         self.methods = (self.methods,) if isinstance(self.methods, str) else tuple(self.methods)
-        known = registry.names()
+        known = registry.names() + registry.variants()
         if not self.methods:
             raise ValueError(f"CosineConfig.methods is empty; choose from {known}.")
         unknown = [name for name in self.methods if name not in known]
@@ -313,17 +315,21 @@ class CosineConfig:
         return FULL_COLUMNS if self.reference == "full" else COLUMNS
 
     def _options(self, name: str) -> dict[str, Any]:
-        fields = registry.config_class(name).field_names()
+        registered, fixed = registry.resolve(name)
+        fields = registry.config_class(registered).field_names()
         shared: dict[str, Any] = {"damping": self.damping}
         if self.reference == "full":
             shared["fisher"] = self.fisher
-        return {k: v for k, v in shared.items() if k in fields} | self.method_options.get(name, {})
+        shared = {k: v for k, v in shared.items() if k in fields}
+        return shared | fixed | self.method_options.get(name, {})
 
     def build_methods(self) -> dict[str, Method]:
-        """Fresh instances of :attr:`compared` (one-shot when :attr:`is_one_shot`)."""
+        """Fresh instances of :attr:`compared` (one-shot when :attr:`is_one_shot`); a variant
+        name (:func:`~mbf_analysis.methods.variants`, e.g. ``"kfac-two-level-residual"``) is its
+        registered method with the variant's settings."""
         built = {}
         for name in self.compared:
-            method = registry.get(name, **self._options(name))
+            method = registry.get(registry.resolve(name)[0], **self._options(name))
             if self.is_one_shot:
                 method.config = method.config.one_shot()
             built[name] = method

@@ -12,7 +12,8 @@ order; ``tests/test_cli_startup.py`` checks that they stay equal:
 - :data:`OPTIMIZERS`: :data:`mbf_analysis.training.OPTIMIZERS`, and :data:`PRESET_SETS` the keys
   of :data:`mbf_analysis.training.presets.PRESET_SETS`;
 - :data:`FISHER_KINDS`: :data:`mbf_analysis.curvature.FISHER_KINDS`;
-- :data:`COARSE_SPACES`: :data:`mbf_analysis.methods.two_level.COARSE_SPACES`.
+- :data:`COARSE_SPACES`: :data:`mbf_analysis.methods.two_level.COARSE_SPACES`, and
+  :data:`TWO_LEVEL_VARIANTS`: :func:`mbf_analysis.methods.variants`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "PRESET_SETS",
     "PROBLEMS",
     "PROBLEM_DATA",
+    "TWO_LEVEL_VARIANTS",
 ]
 
 DATASETS: tuple[str, ...] = tuple(dataset_names())
@@ -98,5 +100,9 @@ COARSE_SPACES: tuple[str, ...] = (
     "krylov-residual",
     "tselepidis",
 )
+
+TWO_LEVEL_VARIANTS: tuple[str, ...] = tuple(f"kfac-two-level-{coarse}" for coarse in COARSE_SPACES)
+"""Two-level KFAC with one coarse space, as a method or optimizer name (``--coarse`` expands
+``kfac-two-level`` to them)."""
 
 FISHER_KINDS: tuple[str, ...] = ("empirical", "exact", "mc")

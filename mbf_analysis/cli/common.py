@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mbf_analysis.cli.choices import DATASETS, FISHER_KINDS, MODELS
+from mbf_analysis.cli.choices import COARSE_SPACES, DATASETS, FISHER_KINDS, MODELS
 from mbf_analysis.datafiles import get_dataset_spec, locate
 
 if TYPE_CHECKING:
@@ -37,6 +37,30 @@ class UsageError(Exception):
 
 def csv_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def coarse_list(text: str) -> list[str]:
+    """An argparse type: comma-separated coarse spaces of two-level KFAC, each once."""
+    names = csv_list(text)
+    unknown = [n for n in names if n not in COARSE_SPACES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice {','.join(unknown) or text!r} "
+            f"(choose from {', '.join(COARSE_SPACES)}, comma-separated)"
+        )
+    return list(dict.fromkeys(names))
+
+
+def expand_coarse(names: list[str], coarse: list[str]) -> list[str]:
+    """``kfac-two-level`` in ``names`` replaced by one ``kfac-two-level-<coarse>`` per coarse
+    space (:data:`~mbf_analysis.cli.choices.TWO_LEVEL_VARIANTS`), each name once."""
+    expanded = []
+    for name in names:
+        if name == "kfac-two-level":
+            expanded += [f"kfac-two-level-{space}" for space in coarse]
+        else:
+            expanded.append(name)
+    return list(dict.fromkeys(expanded))
 
 
 def positive_int(text: str) -> int:

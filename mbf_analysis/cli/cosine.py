@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mbf_analysis.cli.choices import COARSE_SPACES, DATASETS, METHODS, MODELS
+from mbf_analysis.cli.choices import COARSE_SPACES, DATASETS, METHODS, MODELS, TWO_LEVEL_VARIANTS
 from mbf_analysis.cli.common import (
     DEFAULT_MODEL,
     UsageError,
@@ -33,7 +33,9 @@ from mbf_analysis.cli.common import (
     add_out,
     add_threads,
     apply_threads,
+    coarse_list,
     csv_list,
+    expand_coarse,
     positive_float,
     positive_int,
     require_data,
@@ -41,6 +43,8 @@ from mbf_analysis.cli.common import (
 from mbf_analysis.cli.recording import (
     Recorder,
     add_recording_options,
+    iteration_timings,
+    per_iteration_text,
     recorded_rows,
     resumed_settings,
 )
@@ -150,7 +154,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--methods",
         type=csv_list,
         default=None,
-        help=f"comma-separated methods compared with BDF, from {', '.join(METHODS)} "
+        help=f"comma-separated methods compared with BDF, from {', '.join(METHODS)}, or "
+        "kfac-two-level-<coarse> for one coarse space "
         f"(default: {','.join(DEFAULTS['methods'])})",
     )
     parser.add_argument(
@@ -177,9 +182,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--coarse",
-        choices=COARSE_SPACES,
+        type=coarse_list,
         default=None,
-        help="coarse space of kfac-two-level (default: nicolaides)",
+        help="coarse space(s) of kfac-two-level, comma-separated: kfac-two-level in --methods "
+        "becomes one kfac-two-level-<coarse> per coarse space, compared side by side along the "
+        f"same trajectory (from {', '.join(COARSE_SPACES)}; default: nicolaides)",
     )
     parser.add_argument("--seed", type=int, default=None, help="seed (default: 0)")
     parser.add_argument(
@@ -209,7 +216,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     settings.update(_given(args))
     if settings["seed"] < 0:
         raise UsageError(f"--seed {settings['seed']}: must be 0 or more")
-    unknown = [m for m in settings["methods"] if m not in METHODS]
+    unknown = [m for m in settings["methods"] if m not in METHODS + TWO_LEVEL_VARIANTS]
     if unknown or not settings["methods"]:
         raise UsageError(
             f"--methods {','.join(settings['methods'])}: unknown {', '.join(unknown) or 'empty'}"
@@ -220,8 +227,10 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
             f"--fisher {settings['fisher']} sets the F of --reference full; add --reference full "
             "(BDF's reference is its own empirical-Fisher blocks)"
         )
-    if settings["coarse"] is not None and "kfac-two-level" not in settings["methods"]:
-        raise UsageError("--coarse sets kfac-two-level's coarse space; add it to --methods")
+    if settings["coarse"] is not None:
+        if "kfac-two-level" not in settings["methods"]:
+            raise UsageError("--coarse sets kfac-two-level's coarse space; add it to --methods")
+        settings["methods"] = expand_coarse(settings["methods"], settings["coarse"])
     return settings
 
 
@@ -297,6 +306,8 @@ def run(args: argparse.Namespace) -> None:
     record = folder.claim(resume=args.resume, overwrite=args.overwrite)
     if record is not None:
         given = _given(args)
+        if "methods" in given and "coarse" in given:
+            given["methods"] = expand_coarse(given["methods"], given["coarse"])
         if args.preset is not None:
             given.update({k: v for k, v in PRESETS[args.preset].items() if k != "iterations"})
         settings = resumed_settings(record, folder, STATE_NAME, given)
@@ -326,9 +337,6 @@ def run(args: argparse.Namespace) -> None:
     dataset, model_name, model = dataset_and_model(problem_args)
     settings["model"] = model_name
     check_layers(model, settings["layers"])
-    options = {}
-    if settings.get("coarse") is not None:
-        options["kfac-two-level"] = {"coarse": settings["coarse"]}
     config = CosineConfig(
         methods=settings["methods"],
         iterations=settings["iterations"],
@@ -339,7 +347,6 @@ def run(args: argparse.Namespace) -> None:
         seed=settings["seed"],
         reference=settings.get("reference", "bdf"),
         fisher=settings.get("fisher", "empirical"),
-        method_options=options,
     )
     columns = config.columns
     device = parse_device(args.device)
@@ -357,6 +364,7 @@ def run(args: argparse.Namespace) -> None:
     if record is None:
         recorder.save()  # iteration 0, so that even an early interruption can be resumed
     remaining = max(config.iterations - analysis.iteration, 0)
+    first_iteration = analysis.iteration
     loaded = time.perf_counter()
     status = "complete"
     timings: dict[str, float] = {"load": loaded - start}
@@ -380,8 +388,9 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(130) from None
     finally:
         done = time.perf_counter()
-        timings["iterations"] = done - loaded
-        timings["per_iteration"] = (done - loaded) / max(remaining, 1)
+        previous = None if record is None else record.get("timings_s")
+        ran = analysis.iteration - first_iteration
+        timings.update(iteration_timings(previous, done - loaded, ran))
         if status == "complete":
             recorder.save()
         _record(folder, settings, args, status, timings, data_folder)
@@ -431,6 +440,6 @@ def run(args: argparse.Namespace) -> None:
                 _print_table(median_table(before, value))
     _record(folder, settings, args, status, timings, data_folder, collapse_iteration=collapsed)
     print(
-        f"{timings['per_iteration']:.3f} s per iteration; wrote {out / CSV_NAME}, "
+        f"{per_iteration_text(timings)}; wrote {out / CSV_NAME}, "
         f"{out / STATE_NAME}, {folder.record_path}, {', '.join(p.name for p in written)}"
     )

@@ -45,6 +45,8 @@ from mbf_analysis.cli.common import (
 from mbf_analysis.cli.recording import (
     Recorder,
     add_recording_options,
+    iteration_timings,
+    per_iteration_text,
     recorded_rows,
     resumed_settings,
 )
@@ -333,6 +335,7 @@ def run(args: argparse.Namespace) -> None:
     if record is None:
         recorder.save()
     remaining = max(config.iterations - analysis.iteration, 0)
+    first_iteration = analysis.iteration
     loaded = time.perf_counter()
     timings: dict[str, float] = {"load": loaded - start}
     _record(folder, settings, args, "running", timings, data_folder)
@@ -357,8 +360,9 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(130) from None
     finally:
         done = time.perf_counter()
-        timings["iterations"] = done - loaded
-        timings["per_iteration"] = (done - loaded) / max(remaining, 1)
+        previous = None if record is None else record.get("timings_s")
+        ran = analysis.iteration - first_iteration
+        timings.update(iteration_timings(previous, done - loaded, ran))
         if status == "complete":
             recorder.save()
         _record(folder, settings, args, status, timings, data_folder)
@@ -385,6 +389,6 @@ def run(args: argparse.Namespace) -> None:
         shown = ", ".join(f"{m} {int(c)}" for m, c in clamped.items())
         print(f"rank-2 inverses clamped denominators at the floor (not positive definite): {shown}")
     print(
-        f"{timings['per_iteration']:.3f} s per iteration; wrote {out / CSV_NAME}, "
+        f"{per_iteration_text(timings)}; wrote {out / CSV_NAME}, "
         f"{out / STATE_NAME}, {folder.record_path}, {png.name}, {pdf.name}"
     )

@@ -24,7 +24,46 @@ if TYPE_CHECKING:
 
     from mbf_analysis.cli.run_folder import RunFolder
 
-__all__ = ["Recorder", "add_recording_options", "recorded_rows", "resumed_settings"]
+__all__ = [
+    "Recorder",
+    "add_recording_options",
+    "iteration_timings",
+    "per_iteration_text",
+    "recorded_rows",
+    "resumed_settings",
+]
+
+
+def iteration_timings(
+    previous: Mapping[str, Any] | None, seconds: float, iterations: int
+) -> dict[str, float]:
+    """``run.json``'s iteration timings after one session of a resumable run, summed over every
+    session so far, so that a ``--resume`` (even one with nothing left to do, which only redraws
+    the figure) never replaces the time of the work done before it.
+
+    Args:
+        previous: The saved ``timings_s`` (``None`` for a new run).
+        seconds: This session's seconds in iterations.
+        iterations: Iterations this session did.
+
+    Returns:
+        ``{"iterations": total seconds, "iterations_done": total count, "per_iteration": their
+        ratio}`` (no ``"per_iteration"`` while no iteration has run).
+    """
+    previous = previous or {}
+    total = float(previous.get("iterations", 0.0)) + seconds
+    done = int(previous.get("iterations_done", 0)) + iterations
+    out = {"iterations": total, "iterations_done": done}
+    if done:
+        out["per_iteration"] = total / done
+    return out
+
+
+def per_iteration_text(timings: Mapping[str, Any]) -> str:
+    """``"1.234 s per iteration"``, or ``"no iterations timed"`` (:func:`iteration_timings`)."""
+    if "per_iteration" not in timings:
+        return "no iterations timed"
+    return f"{timings['per_iteration']:.3f} s per iteration"
 
 
 def add_recording_options(

@@ -21,7 +21,14 @@ import argparse
 import time
 from typing import Any
 
-from mbf_analysis.cli.choices import COARSE_SPACES, OPTIMIZERS, PRESET_SETS, PROBLEM_DATA, PROBLEMS
+from mbf_analysis.cli.choices import (
+    COARSE_SPACES,
+    OPTIMIZERS,
+    PRESET_SETS,
+    PROBLEM_DATA,
+    PROBLEMS,
+    TWO_LEVEL_VARIANTS,
+)
 from mbf_analysis.cli.common import (
     UsageError,
     add_data_dir,
@@ -29,8 +36,10 @@ from mbf_analysis.cli.common import (
     add_out,
     add_threads,
     apply_threads,
+    coarse_list,
     config_of,
     csv_list,
+    expand_coarse,
     non_negative_float,
     positive_float,
     positive_int,
@@ -78,13 +87,9 @@ EXTENDABLE = ("time_budget", "epochs", "max_steps", "budget_clock")
 """Settings a ``--resume`` may change (limits reaching further extend finished runs)."""
 
 
-VARIANTS = tuple(f"kfac-two-level-{coarse}" for coarse in COARSE_SPACES)
-"""Two-level KFAC with a given coarse space, as an optimizer name (``--coarse`` expands to them)."""
-
-
 def _optimizer_list(text: str) -> list[str]:
     names = csv_list(text)
-    unknown = [n for n in names if n not in OPTIMIZERS and n not in VARIANTS]
+    unknown = [n for n in names if n not in OPTIMIZERS and n not in TWO_LEVEL_VARIANTS]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
             f"invalid choice {','.join(unknown) or text!r} (choose from {', '.join(OPTIMIZERS)}, "
@@ -103,17 +108,6 @@ def _seed_list(text: str) -> list[int]:
             f"give seeds ≥ 0, comma-separated (e.g. 0,1,2), got {text!r}"
         )
     return list(dict.fromkeys(seeds))
-
-
-def _coarse_list(text: str) -> list[str]:
-    names = csv_list(text)
-    unknown = [n for n in names if n not in COARSE_SPACES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"invalid choice {','.join(unknown) or text!r} "
-            f"(choose from {', '.join(COARSE_SPACES)}, comma-separated)"
-        )
-    return list(dict.fromkeys(names))
 
 
 def _float_list(check):
@@ -157,7 +151,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     train.add_argument(
         "--coarse",
-        type=_coarse_list,
+        type=coarse_list,
         default=None,
         help="coarse space(s) of kfac-two-level, comma-separated: one run per coarse space "
         f"(from {', '.join(COARSE_SPACES)}; default: nicolaides)",
@@ -278,19 +272,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     if settings.get("coarse") is not None:
         if "kfac-two-level" not in settings["optimizer"]:
             raise UsageError("--coarse sets kfac-two-level's coarse space; add it to --optimizer")
-        settings["optimizer"] = _expand(settings["optimizer"], settings["coarse"])
+        settings["optimizer"] = expand_coarse(settings["optimizer"], settings["coarse"])
     return settings
-
-
-def _expand(optimizers: list[str], coarse: list[str]) -> list[str]:
-    """``kfac-two-level`` replaced by one ``kfac-two-level-<coarse>`` per coarse space."""
-    expanded = []
-    for name in optimizers:
-        if name == "kfac-two-level":
-            expanded += [f"kfac-two-level-{space}" for space in coarse]
-        else:
-            expanded.append(name)
-    return list(dict.fromkeys(expanded))
 
 
 def _resumed_settings(record: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -301,7 +284,7 @@ def _resumed_settings(record: dict[str, Any], args: argparse.Namespace) -> dict[
     if args.grid:
         given["grid"] = True
     if "optimizer" in given and "coarse" in given:
-        given["optimizer"] = _expand(given["optimizer"], given["coarse"])
+        given["optimizer"] = expand_coarse(given["optimizer"], given["coarse"])
     clash = {k: v for k, v in given.items() if saved.get(k) != v}
     if clash:
         shown = ", ".join(

@@ -42,7 +42,7 @@ from mbf_analysis.methods.mbf import (
 )
 from mbf_analysis.methods.sgdm import SGDM, SGDMConfig
 from mbf_analysis.methods.shampoo import Shampoo, ShampooConfig
-from mbf_analysis.methods.two_level import TwoLevelKFAC, TwoLevelKFACConfig
+from mbf_analysis.methods.two_level import COARSE_SPACES, TwoLevelKFAC, TwoLevelKFACConfig
 
 __all__ = [
     "Adam",
@@ -77,6 +77,8 @@ __all__ = [
     "names",
     "plan_blocks",
     "precondition",
+    "resolve",
+    "variants",
 ]
 
 
@@ -107,6 +109,34 @@ _REGISTRY: dict[str, _Entry] = {
 def names() -> list[str]:
     """The registered method names, in a fixed order."""
     return list(_REGISTRY)
+
+
+TWO_LEVEL_VARIANT = "kfac-two-level-{coarse}"
+"""The name of two-level KFAC with one coarse space, e.g. ``"kfac-two-level-residual"``."""
+
+
+def variants() -> list[str]:
+    """Method names that are a registered method with fixed settings: one
+    ``"kfac-two-level-<coarse>"`` per coarse space of
+    :data:`~mbf_analysis.methods.two_level.COARSE_SPACES`, so that one analysis can compare
+    several coarse spaces side by side."""
+    return [TWO_LEVEL_VARIANT.format(coarse=coarse) for coarse in COARSE_SPACES]
+
+
+def resolve(name: str) -> tuple[str, dict[str, Any]]:
+    """``(registered name, fixed settings)`` of a method name: a registered name (:func:`names`)
+    is itself with no settings, ``"kfac-two-level-<coarse>"`` is ``("kfac-two-level",
+    {"coarse": coarse})``.
+
+    Raises:
+        KeyError: For a name that is neither (the message lists both kinds).
+    """
+    if name in _REGISTRY:
+        return name, {}
+    for coarse in COARSE_SPACES:
+        if name == TWO_LEVEL_VARIANT.format(coarse=coarse):
+            return "kfac-two-level", {"coarse": coarse}
+    raise KeyError(f"unknown method {name!r}; choose one of {names()} or {variants()}.")
 
 
 def _entry(name: str) -> _Entry:

@@ -74,7 +74,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from mbf_analysis.methods import TWO_LEVEL_VARIANT, resolve, variants
 from mbf_analysis.methods.mbf import DEFAULT_SPATIAL_THRESHOLD, SpatialAveraging
+from mbf_analysis.methods.two_level import COARSE_SPACES
 from mbf_analysis.training.problems import PROBLEMS, Problem, get_problem
 
 __all__ = [
@@ -112,15 +114,6 @@ OPTIMIZERS = (*FAST_OPTIMIZERS, *GENERIC_OPTIMIZERS)
 """Every optimizer name (besides the coarse-space variants of :func:`two_level_variant`)."""
 
 TWO_LEVEL = "kfac-two-level"
-COARSE_SPACES = (
-    "nicolaides",
-    "residual",
-    "spectral",
-    "krylov-nicolaides",
-    "krylov-residual",
-    "tselepidis",
-)
-"""Two-level KFAC's coarse spaces (:data:`mbf_analysis.methods.two_level.COARSE_SPACES`)."""
 
 
 def two_level_variant(coarse: str) -> str:
@@ -130,24 +123,24 @@ def two_level_variant(coarse: str) -> str:
         raise ValueError(
             f"unknown coarse space {coarse!r}; choose one of {', '.join(COARSE_SPACES)}"
         )
-    return f"{TWO_LEVEL}-{coarse}"
+    return TWO_LEVEL_VARIANT.format(coarse=coarse)
 
 
 def split_optimizer(name: str) -> tuple[str, dict[str, Any]]:
     """``(optimizer, extra options)``: a coarse-space variant ``"kfac-two-level-<coarse>"`` is
-    ``("kfac-two-level", {"coarse": coarse})``; any other name is itself, without options.
+    ``("kfac-two-level", {"coarse": coarse})`` (:func:`mbf_analysis.methods.resolve`); any other
+    name is itself, without options.
 
     Raises:
         ValueError: For an unknown name (the message lists the known ones).
     """
     if name in OPTIMIZERS:
         return name, {}
-    prefix = f"{TWO_LEVEL}-"
-    if name.startswith(prefix) and name[len(prefix) :] in COARSE_SPACES:
-        return TWO_LEVEL, {"coarse": name[len(prefix) :]}
-    variants = ", ".join(two_level_variant(c) for c in COARSE_SPACES)
+    if name in variants():
+        return resolve(name)
     raise ValueError(
-        f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)} (and {variants})"
+        f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)} "
+        f"(and {', '.join(variants())})"
     )
 
 
