@@ -33,6 +33,7 @@ from matplotlib.patches import Rectangle
 __all__ = [
     "BLOCK_GID",
     "COSINE_COLUMNS",
+    "distinct_colors",
     "plot_cosines",
     "plot_heatmap_grid",
     "plot_inverse_heatmap",
@@ -54,6 +55,21 @@ def _as_numpy(matrix: torch.Tensor | np.ndarray) -> np.ndarray:
     if isinstance(matrix, torch.Tensor):
         matrix = matrix.detach().cpu().double().numpy()
     return np.asarray(matrix, dtype=np.float64)
+
+
+def distinct_colors(names: Sequence[str]) -> dict[str, tuple[float, float, float]]:
+    """One colour per name, all different: seaborn's default palette up to its 10 colours (beyond
+    it would repeat itself); up to 20, the dark then the light colours of ``tab20``; beyond,
+    evenly spaced hues (``husl``)."""
+    names = list(names)
+    if len(names) <= 10:
+        palette = sns.color_palette()
+    elif len(names) <= 20:
+        pairs = sns.color_palette("tab20")
+        palette = pairs[::2] + pairs[1::2]
+    else:
+        palette = sns.color_palette("husl", len(names))
+    return dict(zip(names, palette, strict=False))
 
 
 def plot_inverse_heatmap(
@@ -308,7 +324,7 @@ def plot_cosines(
     height = panel_size * nrows + 0.45 + (0.3 if title else 0.0)
     fig = Figure(figsize=(1.12 * panel_size * ncols, height), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True).flatten()
-    colors = dict(zip(methods, sns.color_palette(n_colors=len(methods)), strict=True))
+    colors = distinct_colors(methods)
     energy = value != "cosine"
     ylim = (0.0, 1.0) if float(smoothed.smoothed.min()) >= 0 else (-1.0, 1.0)
     positive = bool((smoothed.smoothed.dropna() > 0).all())
@@ -449,7 +465,7 @@ def plot_training_curves(
         fig, axes = ax.get_figure(root=True), [ax]
     if log_y is None:
         log_y = "loss" in y and len(rows) > 0 and bool((rows[y] > 0).all())
-    colors = dict(zip(optimizers, sns.color_palette(n_colors=len(optimizers)), strict=True))
+    colors = distinct_colors(optimizers)
     top = None
     if "loss" in y and len(rows):
         key_first = "run" if "run" in rows.columns else "optimizer"
@@ -564,7 +580,7 @@ def plot_approximation_errors(
     height = panel_size * nrows + 0.5 + (0.3 if title else 0.0)
     fig = Figure(figsize=(width, height), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
-    colors = dict(zip(drawn, sns.color_palette(n_colors=max(len(drawn), 1)), strict=False))
+    colors = distinct_colors(drawn)
     styles = {"error": "-", "singular_error": "--"}
     for ax, layer in zip(axes, layers, strict=False):
         values = []

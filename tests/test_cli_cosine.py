@@ -226,3 +226,15 @@ def test_the_all_layer_reference_writes_the_energy_error_and_the_network_rows(tm
 def test_full_reference_options_need_their_context(extra, message, tmp_path, capsys):
     assert main(["cosine", "--out", str(tmp_path / "x"), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_iteration_timings_read_a_record_written_before_the_count():
+    from mbf_analysis.cli.recording import iteration_timings
+
+    legacy = {"load": 1.0, "iterations": 30.0, "per_iteration": 3.0}  # 10 iterations
+    assert iteration_timings(legacy, 0.0, 0) == {
+        "iterations": 30.0,
+        "iterations_done": 10,
+        "per_iteration": 3.0,
+    }
+    assert iteration_timings(None, 0.5, 0) == {"iterations": 0.5, "iterations_done": 0}

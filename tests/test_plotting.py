@@ -15,6 +15,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from mbf_analysis.plotting import (  # noqa: E402
     BLOCK_GID,
+    distinct_colors,
     plot_approximation_errors,
     plot_cosines,
     plot_heatmap_grid,
@@ -229,3 +230,31 @@ def test_a_one_layer_error_figure_keeps_its_legend_and_title_inside():
         extent = artist.get_window_extent(renderer)
         assert box.x0 - 1 <= extent.x0 and extent.x1 <= box.x1 + 1, artist
     assert "\n" in fig._suptitle.get_text()  # wrapped
+
+
+@pytest.mark.parametrize("n", [3, 10, 11, 16, 25])
+def test_distinct_colors_never_repeat(n):
+    colors = distinct_colors([f"m{i}" for i in range(n)])
+    assert len(colors) == n and len(set(colors.values())) == n
+
+
+def test_a_cosine_figure_with_eleven_methods_gives_each_its_own_colour():
+    methods = [f"method-{i}" for i in range(11)]
+    frame = pd.DataFrame(
+        [
+            {"iteration": k, "layer": "fc1", "method": m, "cosine": 0.5, "loss": 1.0}
+            for k in range(3)
+            for m in methods
+        ]
+    )
+    fig = plot_cosines(frame, smoothing=1)
+    lines = [line for line in fig.axes[0].lines if line.get_label() in methods]
+    assert (
+        len(
+            {
+                line.get_color() if isinstance(line.get_color(), str) else tuple(line.get_color())
+                for line in lines
+            }
+        )
+        == 11
+    )

@@ -51,8 +51,11 @@ def iteration_timings(
         ratio}`` (no ``"per_iteration"`` while no iteration has run).
     """
     previous = previous or {}
+    before = previous.get("iterations_done")
+    if before is None and previous.get("per_iteration"):  # a record from before the count
+        before = round(previous["iterations"] / previous["per_iteration"])
     total = float(previous.get("iterations", 0.0)) + seconds
-    done = int(previous.get("iterations_done", 0)) + iterations
+    done = int(before or 0) + iterations
     out = {"iterations": total, "iterations_done": done}
     if done:
         out["per_iteration"] = total / done
