@@ -177,6 +177,9 @@ def variant(spec: str):
     name, _, kind = spec.partition(":")
     if kind not in ("", "four"):
         raise ValueError(f"unknown variant {spec!r}: use NAME or NAME:four")
+    if not kind:
+        yield name
+        return
     key = ("mnist-ae", name)
     saved = PRESETS[key]
     if kind == "four":

@@ -39,7 +39,8 @@ def iteration_timings(
 ) -> dict[str, float]:
     """``run.json``'s iteration timings after one session of a resumable run, summed over every
     session so far, so that a ``--resume`` (even one with nothing left to do, which only redraws
-    the figure) never replaces the time of the work done before it.
+    the figure) never replaces the time of the work done before it. A session killed before it
+    could write its record is not counted (its iterations are redone from the saved state).
 
     Args:
         previous: The saved ``timings_s`` (``None`` for a new run).

@@ -138,6 +138,7 @@ from mbf_analysis.curvature.kfac import (
 from mbf_analysis.errors import UnsupportedModuleError
 from mbf_analysis.linalg import (
     Rank2KronInverse,
+    all_finite,
     apply_rank2_kron_inverse,
     damped_inverse,
     rank2_kron_inverse,
@@ -988,7 +989,7 @@ class KroneckerSVD(Method):
         cfg = self.config
         args = {"pi": pi, "floor": cfg.denominator_floor}
         inverse = rank2_kron_inverse(a1, g1, a2, g2, cfg.damping, **args)
-        if not bool(torch.stack([t.isfinite().all() for t in inverse[:3]]).all()):
+        if not all_finite(list(inverse[:3])):
             logger.info(
                 "%s: the rank-2 inverse is not finite in %s; redone in float64", self.name, a1.dtype
             )
