@@ -20,18 +20,19 @@ from mbf_analysis.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
+FIGURES_README = (REPO / "figures" / "README.md").read_text()
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+def _blocks(language: str, text: str = README) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
 
 
-def _commands() -> list[list[str]]:
+def _commands(text: str = README) -> list[list[str]]:
     """The ``mbf-analyze`` commands of the shell blocks, continuation lines joined."""
     commands = []
-    for block in _blocks("bash"):
+    for block in _blocks("bash", text):
         for line in block.replace("\\\n", " ").splitlines():
             for part in line.split("&&"):
                 words = shlex.split(part.split("#", 1)[0])
@@ -55,6 +56,18 @@ def test_the_python_snippets_run_as_written_and_the_optimizer_trains(monkeypatch
 
 @pytest.mark.parametrize("argv", _commands(), ids=lambda argv: " ".join(argv)[:60])
 def test_every_command_parses(argv):
+    build_parser().parse_args(argv)
+
+
+def _figure_commands() -> list[list[str]]:
+    """The shell blocks' commands of ``figures/README.md`` and those of its tables (inline)."""
+    inline = re.findall(r"`mbf-analyze ([^`]+)`", FIGURES_README)
+    return _commands(FIGURES_README) + [shlex.split(text) for text in inline]
+
+
+@pytest.mark.parametrize("argv", _figure_commands(), ids=lambda argv: " ".join(argv)[:60])
+def test_every_figure_command_parses(argv):
+    """The commands that made the figures (``figures/README.md``) still parse as written."""
     build_parser().parse_args(argv)
 
 
