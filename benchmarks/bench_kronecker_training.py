@@ -10,7 +10,10 @@ inverse every 100 steps, Fisher batch ``m/4``, momentum 0.9, EMA 0.95, KL clip 0
 :class:`~mbf_analysis.optim.MethodOptimizer`), and for scale the fast ``kfac`` (the MBF paper's
 ``T1 = 1``, ``T2 = 20``), ``mbf``, ``adam`` and ``sgdm``. ``NAME:four`` is a rank-2 method
 with its split form switched off (``low_rank_apply=False``: every step applies the
-four-product form), for the saving side by side.
+four-product form), for the saving side by side. Any other optimizer name of
+:func:`~mbf_analysis.training.train` works in ``--optimizers`` too, e.g. the coarse spaces of
+two-level KFAC (``kfac-two-level-<coarse>``: issue #10's step times, written to
+``results_two_level_training.md``; ``benchmarks/RESULTS.md`` has the command).
 
 **What is timed.** The log's step rows carry the run's training clock (``process_time``: CPU
 seconds, the clock the papers timed; evaluations, MBF's warm start and the optimizer's
