@@ -343,7 +343,7 @@ def plot_cosines(
             label = f"cosine with {reference} (mean of {smoothing})"
         ax.set_xlabel("iteration", fontsize=8)
         ax.set_ylabel(label, fontsize=7)
-        ax.tick_params(labelsize=7, labelbottom=True)
+        ax.tick_params(which="both", labelsize=7, labelbottom=True)
         ax.grid(alpha=0.3)
     if loss:
         ax = axes[len(layers)]
@@ -354,7 +354,7 @@ def plot_cosines(
         ax.set_title("minibatch loss", fontsize=8)
         ax.set_xlabel("iteration", fontsize=8)
         ax.set_ylabel("loss", fontsize=7)
-        ax.tick_params(labelsize=7)
+        ax.tick_params(which="both", labelsize=7)  # a log axis within a decade labels minor ticks
         ax.grid(alpha=0.3)
     if collapse is not None:
         for ax in axes[:n_panels]:
@@ -513,7 +513,7 @@ def plot_training_curves(
         panel.set_xlabel(_X_LABELS[name], fontsize=8)
         label = "minibatch training loss" if per_step else y.replace("_", " ")
         panel.set_ylabel(label, fontsize=8)
-        panel.tick_params(labelsize=7)
+        panel.tick_params(which="both", labelsize=7)
         if log_y:
             panel.set_yscale("log")
         if top is not None:
@@ -604,7 +604,7 @@ def plot_approximation_errors(
         ax.set_title(str(layer), fontsize=8)
         ax.set_xlabel("iteration", fontsize=8)
         ax.set_ylabel(f"relative error (mean of {smoothing})", fontsize=7)
-        ax.tick_params(labelsize=7)
+        ax.tick_params(which="both", labelsize=7)
         ax.grid(alpha=0.3, which="both")
     for ax in axes[len(layers) :]:
         ax.set_axis_off()

@@ -258,3 +258,19 @@ def test_a_cosine_figure_with_eleven_methods_gives_each_its_own_colour():
         )
         == 11
     )
+
+
+def test_minor_tick_labels_of_a_log_loss_axis_are_as_small_as_the_major_ones():
+    """A log axis spanning less than a decade labels its minor ticks; they must not be larger."""
+    frame = pd.DataFrame(
+        [
+            {"iteration": k, "layer": "fc1", "method": "mbf", "cosine": 0.5, "loss": 2.0 - 0.1 * k}
+            for k in range(10)
+        ]
+    )
+    fig = plot_cosines(frame, smoothing=1)
+    loss_axes = next(ax for ax in fig.axes if ax.get_title() == "minibatch loss")
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    minor = [t.get_fontsize() for t in loss_axes.yaxis.get_minorticklabels() if t.get_text()]
+    assert minor and max(minor) <= 7
