@@ -819,11 +819,16 @@ def _congruence(first: Tensor, second: Tensor, shift: float) -> tuple[Tensor, Te
 
 
 def _robust_eigh(mats: Tensor) -> tuple[Tensor, Tensor]:
-    """``torch.linalg.eigh``, retried in float64 where it fails to converge (float32 LAPACK
-    does on large, nearly rank-deficient factors with many repeated eigenvalues), then with
-    a diagonal shift ``ε‖M‖_F`` that moves every eigenvalue alike (subtracted again)."""
+    """``torch.linalg.eigh``, retried in float64 where it fails to converge or, without
+    raising, returns non-finite values (float32 LAPACK does both on large, nearly
+    rank-deficient factors with many repeated eigenvalues, e.g. a rank-128 second factor in
+    500 dimensions of the MNIST autoencoder), then with a diagonal shift ``ε‖M‖_F`` that moves
+    every eigenvalue alike (subtracted again)."""
     try:
-        return torch.linalg.eigh(mats)
+        w, q = torch.linalg.eigh(mats)
+        if all_finite([w, q]):
+            return w, q
+        logger.debug("eigh returned non-finite values in %s; retrying in float64", mats.dtype)
     except torch.linalg.LinAlgError:
         logger.debug("eigh failed in %s; retrying in float64", mats.dtype)
     wide = mats.double()

@@ -30,6 +30,7 @@ def test_the_light_name_lists_equal_the_registries():
     assert choices.OPTIMIZERS == tuple(training.OPTIMIZERS)
     assert set(choices.PRESET_SETS) == set(PRESET_SETS) and choices.PRESET_SETS[0] == "ours"
     assert choices.COARSE_SPACES == COARSE_SPACES == presets.COARSE_SPACES
+    assert choices.TWO_LEVEL_VARIANT == methods.TWO_LEVEL_VARIANT
     assert choices.TWO_LEVEL_VARIANTS == tuple(methods.variants())
     assert choices.FISHER_KINDS == tuple(FISHER_KINDS)
 

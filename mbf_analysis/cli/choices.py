@@ -13,7 +13,8 @@ order; ``tests/test_cli_startup.py`` checks that they stay equal:
   of :data:`mbf_analysis.training.presets.PRESET_SETS`;
 - :data:`FISHER_KINDS`: :data:`mbf_analysis.curvature.FISHER_KINDS`;
 - :data:`COARSE_SPACES`: :data:`mbf_analysis.methods.two_level.COARSE_SPACES`, and
-  :data:`TWO_LEVEL_VARIANTS`: :func:`mbf_analysis.methods.variants`.
+  :data:`TWO_LEVEL_VARIANT` and :data:`TWO_LEVEL_VARIANTS`:
+  :data:`mbf_analysis.methods.TWO_LEVEL_VARIANT` and :func:`mbf_analysis.methods.variants`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ __all__ = [
     "PRESET_SETS",
     "PROBLEMS",
     "PROBLEM_DATA",
+    "TWO_LEVEL_VARIANT",
     "TWO_LEVEL_VARIANTS",
 ]
 
@@ -101,7 +103,13 @@ COARSE_SPACES: tuple[str, ...] = (
     "tselepidis",
 )
 
-TWO_LEVEL_VARIANTS: tuple[str, ...] = tuple(f"kfac-two-level-{coarse}" for coarse in COARSE_SPACES)
+TWO_LEVEL_VARIANT = "kfac-two-level-{coarse}"
+"""The name of two-level KFAC with one coarse space
+(:data:`mbf_analysis.methods.TWO_LEVEL_VARIANT`)."""
+
+TWO_LEVEL_VARIANTS: tuple[str, ...] = tuple(
+    TWO_LEVEL_VARIANT.format(coarse=c) for c in COARSE_SPACES
+)
 """Two-level KFAC with one coarse space, as a method or optimizer name (``--coarse`` expands
 ``kfac-two-level`` to them)."""
 

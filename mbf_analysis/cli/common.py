@@ -13,7 +13,13 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mbf_analysis.cli.choices import COARSE_SPACES, DATASETS, FISHER_KINDS, MODELS
+from mbf_analysis.cli.choices import (
+    COARSE_SPACES,
+    DATASETS,
+    FISHER_KINDS,
+    MODELS,
+    TWO_LEVEL_VARIANT,
+)
 from mbf_analysis.datafiles import get_dataset_spec, locate
 
 if TYPE_CHECKING:
@@ -57,7 +63,7 @@ def expand_coarse(names: list[str], coarse: list[str]) -> list[str]:
     expanded = []
     for name in names:
         if name == "kfac-two-level":
-            expanded += [f"kfac-two-level-{space}" for space in coarse]
+            expanded += [TWO_LEVEL_VARIANT.format(coarse=space) for space in coarse]
         else:
             expanded.append(name)
     return list(dict.fromkeys(expanded))

@@ -64,6 +64,7 @@ __all__ = [
     "ShampooConfig",
     "SpatialAveraging",
     "Stats",
+    "TWO_LEVEL_VARIANT",
     "TwoLevelKFAC",
     "TwoLevelKFACConfig",
     "adam_like",

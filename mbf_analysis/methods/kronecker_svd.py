@@ -138,7 +138,6 @@ from mbf_analysis.curvature.kfac import (
 from mbf_analysis.errors import UnsupportedModuleError
 from mbf_analysis.linalg import (
     Rank2KronInverse,
-    all_finite,
     apply_rank2_kron_inverse,
     damped_inverse,
     rank2_kron_inverse,
@@ -982,19 +981,11 @@ class KroneckerSVD(Method):
         self, a1: Tensor, g1: Tensor, a2: Tensor, g2: Tensor, pi: float
     ) -> Rank2KronInverse:
         """:func:`~mbf_analysis.linalg.rank2_kron_inverse` with the negligible entries of
-        ``K_a``, ``K_g`` set to 0 (:func:`clear_negligible`), rebuilt from float64 factors (and cast
-        back) when its result is not finite: float32 LAPACK ``eigh`` can return NaN without
-        raising, e.g. on a second factor of rank 128 in 500 dimensions whose entries are all
-        below 0.01 (MNIST autoencoder, layer fc6, Lanczos, first update)."""
+        ``K_a``, ``K_g`` set to 0 (:func:`clear_negligible`)."""
         cfg = self.config
-        args = {"pi": pi, "floor": cfg.denominator_floor}
-        inverse = rank2_kron_inverse(a1, g1, a2, g2, cfg.damping, **args)
-        if not all_finite(list(inverse[:3])):
-            logger.info(
-                "%s: the rank-2 inverse is not finite in %s; redone in float64", self.name, a1.dtype
-            )
-            wide = rank2_kron_inverse(*(t.double() for t in (a1, g1, a2, g2)), cfg.damping, **args)
-            inverse = Rank2KronInverse(*(t.to(a1.dtype) for t in wide[:3]), wide.clamped)
+        inverse = rank2_kron_inverse(
+            a1, g1, a2, g2, cfg.damping, pi=pi, floor=cfg.denominator_floor
+        )
         return inverse._replace(
             k_a=clear_negligible(inverse.k_a), k_g=clear_negligible(inverse.k_g)
         )
