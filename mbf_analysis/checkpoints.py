@@ -22,6 +22,12 @@ Writes are atomic: the checkpoint goes to a temporary file in the same folder, w
 over the final name only when complete, so an interrupted run never leaves a partial file.
 A cached file that cannot be read, or that holds another configuration, is **retrained with a
 warning** and overwritten (:func:`load_checkpoint` itself raises :class:`CorruptCheckpointError`).
+
+Interruption: while :func:`pretrained_model` trains, the unfinished training is kept beside the
+checkpoint (``<name>.partial.pt``, :func:`partial_path`) after every epoch and when Ctrl-C or
+SIGTERM stops it after the step in progress; the next call with the same configuration
+continues from there, so a stopped pretraining loses at most its step in progress (a SIGKILL,
+at most its epoch in progress).
 """
 
 from __future__ import annotations
@@ -31,7 +37,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,17 +46,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mbf_analysis.data import Dataset, load_dataset
+from mbf_analysis.datafiles import CACHE_ENV_VAR
 from mbf_analysis.errors import MBFError, NonFiniteError
+from mbf_analysis.files import atomic_save
 from mbf_analysis.models import build_model
+from mbf_analysis.stopping import stop_requests
 
 __all__ = [
     "CACHE_ENV_VAR",
     "CorruptCheckpointError",
-    "atomic_save",
     "TrainConfig",
     "checkpoint_path",
     "default_checkpoint_dir",
     "load_checkpoint",
+    "partial_path",
     "pretrained_model",
     "save_checkpoint",
     "train_model",
@@ -59,8 +67,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CACHE_ENV_VAR = "MBF_CACHE_DIR"
-"""Environment variable replacing ``~/.cache/mbf_analysis`` as the root of the checkpoint cache."""
 
 _FORMAT_VERSION = 1
 _DTYPES = ("float32", "float64")
@@ -136,20 +142,35 @@ def _build(config: TrainConfig, device: torch.device | str) -> nn.Module:
     return build_model(config.model).to(device=device, dtype=config.torch_dtype)
 
 
+def partial_path(path: str | Path) -> Path:
+    """Where the unfinished training of the checkpoint ``path`` is kept: ``<name>.partial.pt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.partial.pt")
+
+
 def train_model(
     config: TrainConfig,
     dataset: Dataset,
     *,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    partial: str | Path | None = None,
 ) -> tuple[nn.Module, list[float]]:
     """Train a freshly seeded network with SGD-m on the training split (module docstring).
+
+    With ``partial``, the training is kept there while it runs: after every epoch, and when
+    Ctrl-C or SIGTERM stops it after the step in progress (:mod:`mbf_analysis.stopping`). A
+    later call with the same ``partial`` and configuration continues from it and gives the
+    weights of an uninterrupted run (bit for bit on CPU with one thread); the file is deleted
+    once the training ends. A file that cannot be read, or holds another configuration, is
+    ignored with a warning.
 
     Args:
         config: What to train.
         dataset: The training data; ``dataset.name`` must equal ``config.dataset``.
         device: Where to train.
         progress: Show a tqdm bar over the epochs (with the running epoch loss).
+        partial: The file of the unfinished training (:func:`partial_path`), or ``None``.
 
     Returns:
         The model in eval mode, and the mean minibatch loss of every epoch (``[epochs]``).
@@ -157,6 +178,8 @@ def train_model(
     Raises:
         ValueError: If the data set is not the configured one or has no labels.
         NonFiniteError: If the epoch loss becomes NaN or Inf (lower the lr).
+        StopRequested: After Ctrl-C or SIGTERM, once the step in progress is done and
+            ``partial`` (if given) is saved.
     """
     if dataset.name != config.dataset:
         raise ValueError(f"config is for dataset {config.dataset!r}, got {dataset.name!r}.")
@@ -167,28 +190,50 @@ def train_model(
     targets = dataset.train_y.to(device)
     loss_fn = nn.CrossEntropyLoss()
     params = list(model.parameters())
-    buffers = [torch.zeros_like(p) for p in params]
-    generator = torch.Generator().manual_seed(config.seed)
-    history: list[float] = []
-    bar = tqdm(range(config.epochs), desc=f"training {config.model}", disable=not progress)
-    for epoch in bar:
-        order = torch.randperm(len(inputs), generator=generator).to(device)
-        total = torch.zeros((), device=device, dtype=config.torch_dtype)
-        for batch in order.split(config.batch_size):
-            loss = loss_fn(model(inputs[batch]), targets[batch])
-            grads = torch.autograd.grad(loss, params)
-            with torch.no_grad():
-                torch._foreach_mul_(buffers, config.momentum)
-                torch._foreach_add_(buffers, grads)
-                torch._foreach_add_(params, buffers, alpha=-config.lr)
-            total += loss.detach() * len(batch)
-        history.append(float(total) / len(inputs))
-        if not math.isfinite(history[-1]):
-            raise NonFiniteError(
-                f"training loss became {history[-1]} in epoch {epoch + 1}; lower the lr "
-                f"(now {config.lr:g})."
-            )
-        bar.set_postfix(loss=f"{history[-1]:.4f}")
+    state = _Progress(model, config, device)
+    if partial is not None:
+        state.restore(Path(partial))
+    bar = tqdm(
+        total=config.epochs,
+        initial=state.epoch,
+        desc=f"training {config.model}",
+        disable=not progress,
+    )
+    with stop_requests() as stop, bar:
+        while state.epoch < config.epochs:
+            if state.order is None:
+                state.order = torch.randperm(len(inputs), generator=state.generator).to(device)
+                state.batch, state.total = (
+                    0,
+                    torch.zeros((), device=device, dtype=config.torch_dtype),
+                )
+            batches = state.order.split(config.batch_size)
+            while state.batch < len(batches):
+                batch = batches[state.batch]
+                loss = loss_fn(model(inputs[batch]), targets[batch])
+                grads = torch.autograd.grad(loss, params)
+                with torch.no_grad():
+                    torch._foreach_mul_(state.buffers, config.momentum)
+                    torch._foreach_add_(state.buffers, grads)
+                    torch._foreach_add_(params, state.buffers, alpha=-config.lr)
+                state.total += loss.detach() * len(batch)
+                state.batch += 1
+                if stop.requested:
+                    if partial is not None:
+                        state.save(Path(partial))
+                    stop.check()
+            state.history.append(float(state.total) / len(inputs))
+            state.epoch, state.order = state.epoch + 1, None
+            if not math.isfinite(state.history[-1]):
+                raise NonFiniteError(
+                    f"training loss became {state.history[-1]} in epoch {state.epoch}; lower the "
+                    f"lr (now {config.lr:g})."
+                )
+            bar.update()
+            bar.set_postfix(loss=f"{state.history[-1]:.4f}")
+            if partial is not None and state.epoch < config.epochs:
+                state.save(Path(partial))
+    history = state.history
     if history:
         logger.info(
             "trained %s on %s for %d epochs: final training loss %.4f",
@@ -200,30 +245,74 @@ def train_model(
     return model.eval(), history
 
 
-def atomic_save(payload: Any, path: str | Path) -> None:
-    """``torch.save(payload)`` to ``path`` atomically: a temporary file in the same folder,
-    flushed to disk, then renamed over ``path``, so an interrupted write never leaves a partial
-    file (and a previous version stays intact until the new one is complete)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(handle, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.chmod(0o644)  # mkstemp creates the file private (0600)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+class _Progress:
+    """Where :func:`train_model` stands: the epoch and batch reached, the epoch's order and
+    summed loss, the momentum buffers, the batch generator and the epoch losses; saved to and
+    restored from the ``partial`` file with the model's weights."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig, device: torch.device | str) -> None:
+        self.model = model
+        self.config = config
+        self.device = device
+        self.buffers = [torch.zeros_like(p) for p in model.parameters()]
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.history: list[float] = []
+        self.epoch = 0
+        self.batch = 0
+        self.order: torch.Tensor | None = None
+        self.total: torch.Tensor | None = None
+
+    def save(self, path: Path) -> None:
+        atomic_save(
+            {
+                "format": _FORMAT_VERSION,
+                "config": asdict(self.config),
+                "state_dict": self.model.state_dict(),
+                "buffers": self.buffers,
+                "generator": self.generator.get_state(),
+                "history": self.history,
+                "epoch": self.epoch,
+                "batch": self.batch,
+                "order": self.order,
+                "total": self.total,
+            },
+            path,
+        )
+        logger.info("kept the unfinished training in %s (epoch %d)", path, self.epoch)
+
+    def restore(self, path: Path) -> None:
+        if not path.is_file():
+            return
+        try:
+            saved = torch.load(path, map_location=self.device, weights_only=True)
+            if saved.get("format") != _FORMAT_VERSION or saved.get("config") != asdict(self.config):
+                raise ValueError(f"holds another configuration: {saved.get('config')}")
+            self.model.load_state_dict(saved["state_dict"])
+            buffers = [b.to(self.device) for b in saved["buffers"]]
+            if [b.shape for b in buffers] != [b.shape for b in self.buffers]:
+                raise ValueError("its momentum buffers do not fit the model")
+            self.buffers = buffers
+            self.generator.set_state(saved["generator"])
+        except Exception as err:  # a damaged file can fail in many ways
+            logger.warning("%s: not a usable unfinished training (%s); starting anew", path, err)
+            self.model.load_state_dict(_build(self.config, self.device).state_dict())
+            return
+        self.history = [float(v) for v in saved["history"]]
+        self.epoch, self.batch = int(saved["epoch"]), int(saved["batch"])
+        self.order, self.total = saved["order"], saved["total"]
+        logger.warning(
+            "continuing the unfinished training in %s at epoch %d, batch %d",
+            path,
+            self.epoch,
+            self.batch,
+        )
 
 
 def save_checkpoint(
     path: str | Path, config: TrainConfig, model: nn.Module, history: list[float]
 ) -> None:
-    """Write ``{config, state_dict (CPU), history}`` atomically (:func:`atomic_save`)."""
+    """Write ``{config, state_dict (CPU), history}`` atomically
+    (:func:`~mbf_analysis.files.atomic_save`)."""
     payload = {
         "format": _FORMAT_VERSION,
         "config": asdict(config),
@@ -308,7 +397,9 @@ def pretrained_model(
             return model
     if dataset is None:
         dataset = load_dataset(config.dataset, data_dir)
-    model, history = train_model(config, dataset, device=device, progress=progress)
+    partial = partial_path(path)
+    model, history = train_model(config, dataset, device=device, progress=progress, partial=partial)
     save_checkpoint(path, config, model, history)
+    partial.unlink(missing_ok=True)
     logger.info("cached %s", path)
     return model

@@ -14,9 +14,18 @@ Conventions (every loader follows them):
   ``TensorDataset``/``DataLoader`` unchanged. Their targets are the inputs flattened, which the
   training code derives; nothing here stores them twice.
 
-Where files are looked for, how missing ones are downloaded (``download=True``) and the errors
-raised when they are missing live in :mod:`mbf_analysis.datafiles`, which needs no torch; its
-names are re-exported here.
+Where files are looked for, how missing ones are downloaded (``download=True``), how local files
+are checked against their canonical md5 and the errors raised when they are missing live in
+:mod:`mbf_analysis.datafiles`, which needs no torch; its names are re-exported here.
+
+No code from data files: nothing here runs what a data file asks for. IDX and ``.mat`` files are
+parsed as data. CIFAR batches are pickles, so they are read by a restricted unpickler that
+resolves only the globals a CIFAR batch needs: numpy's array reconstruction
+(``numpy.core.multiarray._reconstruct``, spelled ``numpy._core.multiarray._reconstruct`` by
+numpy 2, ``numpy.ndarray``, ``numpy.dtype``) and ``_codecs.encode`` restricted to latin-1 (how
+Python 3 writes ``bytes`` at pickle protocol 2). Dicts, lists, strings, bytes and numbers need
+no global. Any other global (``os.system``, ``builtins.exec``, ...) is refused before it is
+called, with a one-line :class:`CorruptDataError` that names the file and the global.
 
 Errors are subclasses of :class:`DataError`, so a caller can catch one class and print one line.
 """
@@ -272,11 +281,65 @@ def _read_digits(paths: Mapping[str, Path]) -> Splits:
     return x[:n].clone(), y[:n].clone(), x[n:].clone(), y[n:].clone()
 
 
+_CIFAR_GLOBALS = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),  # the canonical files (numpy 1)
+        ("numpy._core.multiarray", "_reconstruct"),  # the same, pickled under numpy >= 2
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+)
+"""``(module, name)`` of the globals a CIFAR batch may load: those that rebuild numpy arrays."""
+
+
+def _latin1_encode(text: str, encoding: str) -> bytes:
+    """Stand-in for ``_codecs.encode`` in CIFAR batches, limited to what Python 3 pickles at
+    protocol 2 write for a ``bytes`` object: ``_codecs.encode(text, "latin1")``."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise pickle.UnpicklingError(
+            f"_codecs.encode is allowed only on text with 'latin1', got {encoding!r}"
+        )
+    return text.encode("latin-1")
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle asked for a global outside :data:`_CIFAR_GLOBALS`; ``args[0]`` names it."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only the globals of :data:`_CIFAR_GLOBALS` (and a latin-1
+    ``_codecs.encode``), so a crafted pickle cannot name a callable that runs code.
+
+    Every way a pickle reaches a callable (``GLOBAL``, ``STACK_GLOBAL``, ``INST``, ``OBJ``, the
+    extension registry) goes through :meth:`find_class`; persistent ids are refused by the base
+    class. The names are checked as written in the file, before Python 2 names are mapped.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
+        if (module, name) in _CIFAR_GLOBALS:
+            return super().find_class(module, name)
+        raise _RefusedGlobal(f"{module}.{name}")
+
+
 def _unpickle(path: Path) -> dict[str, Any]:
-    """Load a CIFAR batch (a Python 2 pickle of a dict); keys are returned as ``str``."""
+    """Load a CIFAR batch (a Python 2 pickle of a dict) with :class:`_CifarUnpickler`; byte
+    strings stay ``bytes`` (``encoding="bytes"``), keys are returned as ``str``.
+
+    Raises:
+        CorruptDataError: If the file is not a readable pickle of a dict, or asks for a global
+            that a CIFAR batch does not hold (the global is never called).
+    """
     try:
         with path.open("rb") as fh:
-            batch = pickle.load(fh, encoding="bytes")
+            batch = _CifarUnpickler(fh, encoding="bytes").load()
+    except _RefusedGlobal as exc:
+        raise CorruptDataError(
+            f"{path}: refuses to load the global {exc.args[0]} (a CIFAR batch holds only numpy "
+            "arrays, lists, bytes and numbers); the file is not a canonical CIFAR batch: delete "
+            "it and download the data set again (download=True, or --download)"
+        ) from exc
     except Exception as exc:  # a malformed pickle can raise nearly any exception type
         raise CorruptDataError(
             f"{path}: not a readable pickle ({type(exc).__name__}: {exc})"

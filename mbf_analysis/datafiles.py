@@ -22,6 +22,21 @@ the cache), inside the data set's sub-folder, and checked against the md5 values
 standard loaders use (MNIST, Fashion-MNIST, CIFAR-10/100, SVHN). CURVES and FACES have no
 published checksum and are not verified.
 
+Local files are checked too. Every located file whose canonical md5 is known (the MNIST and
+Fashion-MNIST IDX files, the SVHN ``.mat`` files, the CIFAR batches a canonical archive unpacks
+to, as torchvision checks them) is hashed on first use; a file whose md5 differs is read anyway
+(a smaller file in the canonical format is a legitimate test or subset) but logged once per
+process as a one-line warning naming the file, its md5 and the canonical one. Only the files of
+:attr:`DatasetSpec.files` are checked; nothing the package derives from them (the 16×16 MNIST
+is computed in memory) is compared with a canonical md5. Digests are remembered in
+``md5.json`` (``{absolute path: [size, mtime_ns, md5]}``) in ``$MBF_CACHE_DIR``, else the cache
+folder, so a file is hashed again only when its size or modification time changes. The record
+is a convenience: one that cannot be read is started afresh and one that cannot be written
+(read-only folder, a home folder that does not exist) means hashing on every use, logged at
+debug level, never an error. The md5 check guards against damaged and substituted files, not
+against someone who can write the cache; what keeps a crafted CIFAR pickle from running code is
+the restricted unpickler of :mod:`mbf_analysis.data`.
+
 Errors are subclasses of :class:`DataError`, so a caller can catch one class and print one line.
 Their messages name the option to use in the caller's terms: ``download=True`` / ``data_dir=``
 from Python, ``--download`` / ``--data-dir`` from the command line (``interface="cli"``).
@@ -31,6 +46,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import logging
 import os
 import shutil
@@ -42,7 +58,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from mbf_analysis.files import atomic_write_json
+
 __all__ = [
+    "CACHE_ENV_VAR",
     "ChecksumError",
     "CorruptDataError",
     "DATASETS",
@@ -65,6 +84,12 @@ logger = logging.getLogger(__name__)
 
 ENV_VAR = "MBF_DATA_DIR"
 """Environment variable naming a folder to search for data files."""
+
+CACHE_ENV_VAR = "MBF_CACHE_DIR"
+"""Environment variable replacing ``~/.cache/mbf_analysis`` as the folder of the package's own
+records (the md5 record here, the pretrained checkpoints); data files are not searched there."""
+
+_MD5_RECORD = "md5.json"
 
 DEFAULT_DATASET = "digits"
 """The data set that needs no files (scikit-learn's bundled digits)."""
@@ -119,11 +144,14 @@ class RemoteFile:
         url: Where to fetch it.
         md5: Expected md5 hex digest, or ``None`` where no checksum is published.
         archive: Whether it is a ``.tar.gz`` that unpacks into the data set's sub-folder.
+        contents: For an archive, ``(file name, md5)`` of the canonical files it unpacks to,
+            against which local copies are checked (see the module docstring).
     """
 
     url: str
     md5: str | None
     archive: bool = False
+    contents: tuple[tuple[str, str], ...] = ()
 
     @property
     def filename(self) -> str:
@@ -157,6 +185,18 @@ class DatasetSpec:
     subdirs: tuple[str, ...] = ()
     remotes: tuple[RemoteFile, ...] = ()
     fingerprint: str | None = None
+
+    @property
+    def canonical_md5s(self) -> dict[str, str]:
+        """File name → md5 of the canonical copy, for the files of ``files`` whose md5 is known
+        (a plain remote's own md5, or an archive's ``contents``)."""
+        known: dict[str, str] = {}
+        for remote in self.remotes:
+            if remote.archive:
+                known.update(remote.contents)
+            elif remote.md5 is not None:
+                known[remote.filename] = remote.md5
+        return {name: known[name] for name in self.files if name in known}
 
 
 _MNIST_FILES = (
@@ -243,6 +283,14 @@ _SPECS = (
                 "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
                 "c58f30108f718f92721af3b95e74349a",
                 archive=True,
+                contents=(
+                    ("data_batch_1", "c99cafc152244af753f735de768cd75f"),
+                    ("data_batch_2", "d4bba439e000b95fd0a9bffe97cbabec"),
+                    ("data_batch_3", "54ebc095f3ab1f0389bbae665268c751"),
+                    ("data_batch_4", "634d18415352ddfa80567beed471001a"),
+                    ("data_batch_5", "482c414d41f54cd18b22e5b47cb7c3cb"),
+                    ("test_batch", "40351d587109b95175f43aff81a1287e"),
+                ),
             ),
         ),
     ),
@@ -258,6 +306,10 @@ _SPECS = (
                 "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
                 "eb9058c3a382ffc7106e4002c42a8d85",
                 archive=True,
+                contents=(
+                    ("train", "16019d7e3df5f24257cddd939b257f8d"),
+                    ("test", "f0ef6b0ae62326f3e7ffdfab6717acfc"),
+                ),
             ),
         ),
     ),
@@ -343,6 +395,7 @@ def data_search_dirs(data_dir: str | Path | None = None) -> list[Path]:
 
 
 def _md5(path: Path) -> str:
+    """md5 hex digest of a file's bytes; the one place that hashes (tests count its calls)."""
     digest = hashlib.md5(usedforsecurity=False)
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -350,11 +403,117 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _foreign_data(spec: DatasetSpec, folder: Path) -> str | None:
+def _md5_record_path() -> Path:
+    """``$MBF_CACHE_DIR/md5.json`` if that is set, else ``~/.cache/mbf_analysis/md5.json``."""
+    root = os.environ.get(CACHE_ENV_VAR)
+    return (Path(root).expanduser() if root else default_cache_dir()) / _MD5_RECORD
+
+
+class _Md5Record:
+    """md5 digests of local files, remembered across runs by path, size and modification time.
+
+    The JSON file :func:`_md5_record_path` maps an absolute path to ``[size, mtime_ns, md5]``;
+    a file whose size or ``mtime_ns`` differs from its entry is hashed again. The record never
+    makes a load fail: a missing or unreadable one starts empty, and one that cannot be written
+    is skipped (logged at debug level), so that every use hashes again.
+    """
+
+    def __init__(self) -> None:
+        self.path = _md5_record_path()
+        self._entries = self._read()
+        self._changed = False
+
+    def _read(self) -> dict[str, list]:
+        try:
+            entries = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+            logger.debug("md5 record %s unreadable (%s); starting afresh", self.path, exc)
+            return {}
+        if not isinstance(entries, dict):
+            logger.debug("md5 record %s holds no mapping; starting afresh", self.path)
+            return {}
+        return entries
+
+    def md5(self, file: Path) -> str:
+        """The md5 of ``file``: its recorded one if size and mtime match, else hashed now."""
+        key, stamp = self._key_and_stamp(file)
+        entry = self._entries.get(key)
+        valid = isinstance(entry, list) and len(entry) == 3 and isinstance(entry[2], str)
+        if valid and entry[:2] == stamp:
+            return entry[2]
+        digest = _md5(file)  # stamp taken before: a change while hashing shows up next time
+        self._entries[key] = [*stamp, digest]
+        self._changed = True
+        return digest
+
+    def remember(self, file: Path, digest: str) -> None:
+        """Record ``digest`` as the md5 of ``file`` as it is now (a file just verified)."""
+        key, stamp = self._key_and_stamp(file)
+        self._entries[key] = [*stamp, digest]
+        self._changed = True
+
+    @staticmethod
+    def _key_and_stamp(file: Path) -> tuple[str, list[int]]:
+        stat = file.stat()
+        return str(file.resolve()), [stat.st_size, stat.st_mtime_ns]
+
+    def save(self) -> None:
+        """Write the new entries, merged into what other processes wrote meanwhile; atomic.
+
+        The folder is created if missing, but never inside a home folder that does not exist.
+        """
+        if not self._changed:
+            return
+        self._changed = False
+        folder = self.path.parent
+        if not os.environ.get(CACHE_ENV_VAR) and not Path.home().is_dir():
+            logger.debug("md5 record not written: home folder %s does not exist", Path.home())
+            return
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.path, {**self._read(), **self._entries})
+        except OSError as exc:  # a StorageError too
+            logger.debug("md5 record %s not written (%s); files are hashed again", self.path, exc)
+
+
+_warned_md5: set[tuple[str, str]] = set()
+"""``(path, md5)`` pairs already warned about in this process (the CLI locates twice)."""
+
+
+def _check_local_md5s(
+    spec: DatasetSpec, paths: dict[str, Path], record: _Md5Record, interface: Interface
+) -> None:
+    """Warn (once per process and file content) about files whose md5 is not the canonical one.
+
+    A differing file is still read: the readers reject malformed content, and a smaller file in
+    the canonical format (a test or a subset) is legitimate.
+    """
+    download = _OPTIONS[interface][0]
+    for name, expected in spec.canonical_md5s.items():
+        path = paths[name]
+        actual = record.md5(path)
+        key = (str(path.resolve()), actual)
+        if actual == expected or key in _warned_md5:
+            continue
+        _warned_md5.add(key)
+        logger.warning(
+            "%s: md5 %s differs from the canonical %s file's %s; reading it anyway (if it "
+            "should be the canonical file, it is damaged or replaced: delete it and pass %s)",
+            path,
+            actual,
+            spec.title,
+            expected,
+            download,
+        )
+
+
+def _foreign_data(spec: DatasetSpec, folder: Path, record: _Md5Record) -> str | None:
     """If ``folder`` holds another data set's canonical files, say which; else ``None``."""
     if spec.fingerprint is None:
         return None
-    owner = _FINGERPRINTS.get(_md5(folder / spec.fingerprint))
+    owner = _FINGERPRINTS.get(record.md5(folder / spec.fingerprint))
     if owner is None or owner == spec.title:
         return None
     return f"{folder} holds {owner}, not {spec.title}"
@@ -369,14 +528,14 @@ class _Search:
     notes: list[str] = field(default_factory=list)
 
 
-def _search(spec: DatasetSpec, roots: Iterable[Path]) -> _Search:
+def _search(spec: DatasetSpec, roots: Iterable[Path], record: _Md5Record) -> _Search:
     result = _Search()
     for root in roots:
         for folder in (root, *(root / sub for sub in spec.subdirs)):
             result.searched.append(folder)
             missing = [f for f in spec.files if not (folder / f).is_file()]
             if not missing:
-                foreign = _foreign_data(spec, folder)
+                foreign = _foreign_data(spec, folder, record)
                 if foreign is None:
                     result.folder = folder
                     return result
@@ -442,12 +601,13 @@ def _unpack(archive: Path, into: Path) -> None:
         raise CorruptDataError(f"{archive}: cannot unpack ({exc})") from exc
 
 
-def _download(spec: DatasetSpec, root: Path, interface: Interface) -> None:
+def _download(spec: DatasetSpec, root: Path, interface: Interface, record: _Md5Record) -> None:
     """Fetch the remotes of ``spec`` that are missing into ``root / spec.subdirs[0]``.
 
     Plain files go into the sub-folder; archives are fetched into ``root``, checked, unpacked
     there (they hold the sub-folder) and deleted. A file is written under a ``.part`` name and
-    renamed only after its md5 checks out.
+    renamed only after its md5 checks out; that md5 goes into ``record``, so the first use does
+    not hash the file again.
 
     Raises:
         DownloadError: If a fetch fails; the message says what to fetch and where to put it.
@@ -485,6 +645,8 @@ def _download(spec: DatasetSpec, root: Path, interface: Interface) -> None:
                     f"it was deleted. Retry, or fetch it by hand and {where}."
                 )
         part.replace(dest)
+        if remote.md5 is not None and not remote.archive:
+            record.remember(dest, remote.md5)
         if remote.archive:
             try:
                 _unpack(dest, root)
@@ -500,6 +662,9 @@ def locate(
     interface: Interface = "python",
 ) -> dict[str, Path]:
     """The path of every file of data set ``name``, downloading first if allowed and needed.
+
+    Files whose canonical md5 is known are checked against it (hashed on first use, then
+    remembered; see the module docstring); one that differs is logged as a warning, not raised.
 
     Args:
         name: One of :func:`dataset_names` (case-insensitive, ``_`` or ``-``).
@@ -520,15 +685,21 @@ def locate(
     if not spec.files:
         return {}
     roots = data_search_dirs(data_dir)
-    search = _search(spec, roots)
-    if search.folder is None and download:
-        _download(spec, roots[0], interface)
-        search = _search(spec, roots[:1])
+    record = _Md5Record()
+    try:
+        search = _search(spec, roots, record)
+        if search.folder is None and download:
+            _download(spec, roots[0], interface, record)
+            search = _search(spec, roots[:1], record)
+            if search.folder is None:
+                raise CorruptDataError(
+                    f"downloaded {spec.title} into {roots[0]}, but the expected files "
+                    f"({', '.join(spec.files)}) are still missing there"
+                )
         if search.folder is None:
-            raise CorruptDataError(
-                f"downloaded {spec.title} into {roots[0]}, but the expected files "
-                f"({', '.join(spec.files)}) are still missing there"
-            )
-    if search.folder is None:
-        raise _not_found(spec, search, interface)
-    return {f: search.folder / f for f in spec.files}
+            raise _not_found(spec, search, interface)
+        paths = {f: search.folder / f for f in spec.files}
+        _check_local_md5s(spec, paths, record, interface)
+    finally:
+        record.save()
+    return paths

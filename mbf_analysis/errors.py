@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+from pathlib import Path
+
 __all__ = [
     "MBFError",
     "UnsupportedModuleError",
@@ -9,6 +12,7 @@ __all__ = [
     "TrainModeError",
     "NonFiniteError",
     "MemoryBudgetError",
+    "StorageError",
 ]
 
 
@@ -34,3 +38,31 @@ class NonFiniteError(MBFError, FloatingPointError):
 
 class MemoryBudgetError(MBFError, MemoryError):
     """A dense matrix would not fit in the memory budget; refused before allocating it."""
+
+
+class StorageError(MBFError, OSError):
+    """A result file could not be written (disk full, quota, read-only folder, permissions).
+
+    Args:
+        path: The file.
+        cause: The operating system's error.
+        context: What was kept and how to continue, added by the caller that knows
+            (:meth:`with_context`).
+    """
+
+    def __init__(self, path: Path, cause: OSError, context: str = "") -> None:
+        reason = cause.strerror or str(cause)
+        name = errno.errorcode.get(cause.errno or 0)
+        super().__init__(cause.errno, reason)
+        self.path = Path(path)
+        self.cause = cause
+        self.context = context
+        self.reason = f"{reason} ({name})" if name else reason
+
+    def with_context(self, context: str) -> StorageError:
+        """The same error with ``context`` (e.g. which state is kept and how to resume)."""
+        return StorageError(self.path, self.cause, context)
+
+    def __str__(self) -> str:
+        text = f"could not write {self.path}: {self.reason}"
+        return f"{text}; {self.context}" if self.context else text

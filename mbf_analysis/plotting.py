@@ -533,6 +533,13 @@ TITLE_CHARS_PER_INCH = 15
 """Characters of a 9-point title per inch of figure width, where titles wrap."""
 
 
+_ERROR_VALUES = {
+    "error": ("relative error", "‖F − F̂‖_F / ‖F‖_F"),
+    "scaled_error": ("scale-free relative error", "min_α ‖F − αF̂‖_F / ‖F‖_F"),
+}
+"""The columns :func:`plot_approximation_errors` draws: y label and legend entry."""
+
+
 def plot_approximation_errors(
     frame: pd.DataFrame,
     *,
@@ -542,38 +549,44 @@ def plot_approximation_errors(
     ncols: int = 3,
     panel_size: float = 2.1,
     title: str | None = None,
+    value: str = "error",
 ) -> Figure:
     """The relative errors of each method's Fisher approximation along a trajectory.
 
-    One panel per layer (x: iteration; y: ``error = ‖F − F̂‖_F/‖F‖_F``, solid, and
+    One panel per layer (x: iteration; y: the column ``value``, solid: ``error =
+    ‖F − F̂‖_F/‖F‖_F`` or the scale-free ``scaled_error = min_α ‖F − αF̂‖_F/‖F‖_F``; and
     ``singular_error``, the relative error of the leading singular values, dashed; both the
     rolling mean over ``smoothing`` records), one colour per method, one legend; at most
     ``ncols`` panels a row. The y axis is logarithmic when every drawn value is positive and they
-    span more than a decade. A method whose errors are all 0 (``bdf``) is left out of the panels
-    and named in the legend's title.
+    span more than a decade. A method whose ``value`` is all 0 (``bdf``) is left out of the
+    panels and named in the legend's title.
 
     Args:
-        frame: Columns ``iteration, layer, method, error, singular_error``
-            (:data:`mbf_analysis.analysis.TRAJECTORY_COLUMNS`).
+        frame: Columns ``iteration, layer, method``, ``value`` and optionally
+            ``singular_error`` (:data:`mbf_analysis.analysis.TRAJECTORY_COLUMNS`).
         smoothing: Rolling-mean window in records (``1``: raw).
         layers, methods: What to draw, in order (default: all, in order of appearance).
         ncols: Panels per row.
         panel_size: Height of a panel in inches.
         title: Figure title.
+        value: The solid lines' column, ``"error"`` or ``"scaled_error"``; the y label and the
+            legend say which.
 
     Returns:
         The figure.
     """
     if smoothing < 1:
         raise ValueError(f"smoothing window must be a positive integer, got {smoothing}.")
-    missing = [c for c in ("iteration", "layer", "method", "error") if c not in frame.columns]
+    if value not in _ERROR_VALUES:
+        raise ValueError(f"value must be one of {list(_ERROR_VALUES)}, got {value!r}.")
+    missing = [c for c in ("iteration", "layer", "method", value) if c not in frame.columns]
     if missing:
         raise ValueError(f"error frame lacks columns {missing}.")
     layers = _pick(frame, "layer", layers)
     methods = _pick(frame, "method", methods)
-    zero = [m for m in methods if bool((frame[frame.method == m].error.fillna(0) == 0).all())]
+    zero = [m for m in methods if bool((frame[frame.method == m][value].fillna(0) == 0).all())]
     drawn = [m for m in methods if m not in zero]
-    kinds = [k for k in ("error", "singular_error") if k in frame.columns]
+    kinds = [k for k in (value, "singular_error") if k in frame.columns]
     ncols = min(ncols, len(layers))
     nrows = -(-len(layers) // ncols)
     width = max(1.12 * panel_size * ncols, MIN_LEGEND_WIDTH)
@@ -581,7 +594,7 @@ def plot_approximation_errors(
     fig = Figure(figsize=(width, height), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
     colors = distinct_colors(drawn)
-    styles = {"error": "-", "singular_error": "--"}
+    styles = {value: "-", "singular_error": "--"}
     for ax, layer in zip(axes, layers, strict=False):
         values = []
         for method in drawn:
@@ -595,7 +608,7 @@ def plot_approximation_errors(
                     color=colors[method],
                     ls=styles[kind],
                     lw=1.0,
-                    label=method if kind == "error" else None,
+                    label=method if kind == value else None,
                     gid=f"{method}:{kind}",
                 )
         flat = np.concatenate(values) if values else np.array([])
@@ -603,7 +616,7 @@ def plot_approximation_errors(
             ax.set_yscale("log")
         ax.set_title(str(layer), fontsize=8)
         ax.set_xlabel("iteration", fontsize=8)
-        ax.set_ylabel(f"relative error (mean of {smoothing})", fontsize=7)
+        ax.set_ylabel(f"{_ERROR_VALUES[value][0]} (mean of {smoothing})", fontsize=7)
         ax.tick_params(which="both", labelsize=7)
         ax.grid(alpha=0.3, which="both")
     for ax in axes[len(layers) :]:
@@ -615,7 +628,7 @@ def plot_approximation_errors(
             axes[0].plot([], [], color="0.3", ls="-", lw=1.0)[0],
             axes[0].plot([], [], color="0.3", ls="--", lw=1.0)[0],
         ]
-        labels += ["‖F − F̂‖_F / ‖F‖_F", "leading singular values"]
+        labels += [_ERROR_VALUES[value][1], "leading singular values"]
     legend = fig.legend(
         handles,
         labels,

@@ -7,6 +7,7 @@ masks; the factored path (no dense ``F``) must agree with the dense one.
 
 import copy
 import io
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -14,8 +15,10 @@ import pytest
 import torch
 from torch import nn
 
+from mbf_analysis import methods as registry
 from mbf_analysis.analysis import (
     APPROXIMATED,
+    CARRIED,
     ERROR_COLUMNS,
     TRAJECTORY_COLUMNS,
     ApproximationConfig,
@@ -46,7 +49,11 @@ def _problem(seed=0, widths=(5, 6, 4), m=M):
     return model, x, y
 
 
-def _errors(model, x, y, methods=APPROXIMATED, seed=0, **kwargs):
+ONE_SHOT = [name for name in APPROXIMATED if name not in CARRIED]
+KRONECKER_SVD = ["kpsvd", "deflation", "lanczos", "kfac-corrected"]  # refuse a Conv2d model
+
+
+def _errors(model, x, y, methods=ONE_SHOT, seed=0, **kwargs):
     gen = torch.Generator().manual_seed(seed)
     return approximation_errors(
         model, nn.CrossEntropyLoss(), x, y, methods, generator=gen, **kwargs
@@ -118,8 +125,91 @@ def test_factored_path_equals_the_dense_path(fisher, threshold):
     dense = _errors(model, x, y, fisher=fisher, method_options=options)
     factored = _errors(model, x, y, fisher=fisher, method_options=options, max_dense_dim=0)
     assert set(dense.path) == {"dense"} and set(factored.path) == {"factored"}
-    for column in ("error", "singular_error", "fisher_norm", "clamped"):
+    for column in ("error", "scale", "scaled_error", "singular_error", "fisher_norm", "clamped"):
         np.testing.assert_allclose(factored[column], dense[column], rtol=1e-9, atol=1e-12)
+
+
+def _cnn(seed=0, m=M):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8, 4)).to(DT)
+    return model, torch.randn(m, 1, 4, 4, dtype=DT), torch.randint(0, 4, (m,))
+
+
+def _dense_approximations(model, x, y, names, fisher, F):
+    """Layer → method → dense ``F̂``: the methods' own one-shot matrices from the statistics of
+    the analysis's collection pass (the same needs, the same sampled labels), ``F`` masked to
+    its mini-blocks (``mbf-exact``) and ``F`` itself (``bdf``)."""
+    built = {}
+    for name in set(names) - {"bdf", "mbf-exact"}:
+        options = {"fisher": fisher} if name in module._WITH_FISHER else {}
+        built[name] = registry.get(name, **options)
+        built[name].config = built[name].config.one_shot()
+    needs = frozenset().union(*(method.needs for method in built.values()))
+    needs |= {module._KINDS[fisher]}
+    gen = torch.Generator().manual_seed(0)
+    stats = collect(model, nn.CrossEntropyLoss(), x, y, needs, generator=gen)
+    for method in built.values():
+        method.update(stats)
+    out = {}
+    for layer, layout in model_layouts(model).items():
+        if layout.kind == "linear":
+            own = {"bdf": F[layer], "mbf-exact": F[layer] * layout.block_mask()}
+            out[layer] = {n: own[n] if n in own else built[n].matrix(layer) for n in names}
+    return out
+
+
+def _scale_free(F, approx):
+    """``α = ⟨F, F̂⟩/‖F̂‖²`` and ``‖F − αF̂‖/‖F‖``, densely."""
+    alpha = float((F * approx).sum() / approx.square().sum())
+    return alpha, float(torch.linalg.matrix_norm(F - alpha * approx) / torch.linalg.matrix_norm(F))
+
+
+@pytest.mark.parametrize("fisher", ["true", "exact"])
+@pytest.mark.parametrize("max_dense_dim", [2048, 0], ids=["dense", "factored"])
+@pytest.mark.parametrize("network", ["mlp", "cnn"])
+def test_scale_and_scaled_error_match_dense_ground_truth(network, max_dense_dim, fisher):
+    # The analysis compares Linear layers only; the CNN's case is the Linear layer of a model
+    # with a Conv2d layer, for the methods that take such a model.
+    if network == "mlp":
+        (model, x, y), names = _problem(7), ONE_SHOT
+    else:
+        (model, x, y), names = _cnn(7), [n for n in ONE_SHOT if n not in KRONECKER_SVD]
+    frame = _errors(model, x, y, names, fisher=fisher, max_dense_dim=max_dense_dim)
+    assert list(frame.reset_index().columns[3:6]) == ["error", "scale", "scaled_error"]
+    gen = torch.Generator().manual_seed(0)  # the labels of the collection pass
+    F = layer_fisher(model, nn.CrossEntropyLoss(), x, y, kind=REFERENCE_KIND[fisher], generator=gen)
+    approximations = _dense_approximations(model, x, y, names, fisher, F)
+    assert set(frame.index.get_level_values(0)) == set(approximations)
+    for layer, per_method in approximations.items():
+        for name, approx in per_method.items():
+            row = frame.loc[(layer, name)]
+            alpha, scaled = _scale_free(F[layer], approx)
+            error = float(torch.linalg.matrix_norm(F[layer] - approx))
+            error /= float(torch.linalg.matrix_norm(F[layer]))
+            assert row.error == pytest.approx(error, rel=1e-9, abs=1e-12), (layer, name)
+            assert row.scale == pytest.approx(alpha, rel=1e-9), (layer, name)
+            assert row.scaled_error == pytest.approx(scaled, rel=1e-8, abs=1e-10), (layer, name)
+    assert (frame.scaled_error <= frame.error + 1e-12).all()
+    own = frame[frame.index.get_level_values("method").isin(["mbf-exact", "bdf"])]
+    np.testing.assert_allclose(own.scale, 1.0, rtol=0, atol=1e-10)  # projections of F
+    np.testing.assert_allclose(own.scaled_error, own.error, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("max_dense_dim", [2048, 0], ids=["dense", "factored"])
+def test_a_zero_approximation_has_scale_0_and_scaled_error_1(max_dense_dim):
+    # A zero network fitting zero targets: the gradient and so MBF's ḡḡᵀ vanish, while the
+    # Gauss-Newton (exact) Fisher of MSE does not.
+    model = nn.Linear(3, 2).to(DT)
+    nn.init.zeros_(model.weight), nn.init.zeros_(model.bias)
+    x = torch.randn(M, 3, dtype=DT, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(M, 2, dtype=DT)
+    frame = approximation_errors(
+        model, nn.MSELoss(), x, y, ["mbf", "bdf"], fisher="exact", max_dense_dim=max_dense_dim
+    ).set_index("method")
+    assert frame.fisher_norm["mbf"] > 0
+    assert frame.error["mbf"] == pytest.approx(1.0, rel=1e-12)
+    assert (frame.scale["mbf"], frame.scaled_error["mbf"]) == (0.0, 1.0)
+    assert (frame.error["bdf"], frame.scale["bdf"], frame.scaled_error["bdf"]) == (0.0, 1.0, 0.0)
 
 
 NAMES = ["deflation", "lanczos", "kfac-corrected", "kpsvd"]
@@ -266,6 +356,146 @@ def test_trajectory_resumes_identically_from_a_state_dict():
     )
     for p, q in zip(untouched.parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def _blocks(model):
+    """Layer → the §2 mini-blocks ``[W[j, :], b[j]]`` of its ``.grad``, ``[n_out, n_in + 1]``."""
+    return {
+        name: torch.cat([layer.weight.grad, layer.bias.grad.unsqueeze(1)], 1)
+        for name, layer in model.named_children()
+        if isinstance(layer, nn.Linear)
+    }
+
+
+def _hand_rolled_emas(model, x, y, config, iterations):
+    """Replay the run by hand (batch order, Adam steps, sampled labels of the carried stream)
+    and yield per iteration ``(θ_k model, fisher batch, {method: layer → blockdiag(F_b)})``
+    with ``F_j ← β F_j + (1 − β) g_j g_jᵀ`` on the steps ``k ≡ 0 (mod T1)``."""
+    model = copy.deepcopy(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    batch_seed, _, carried_seed = np.random.SeedSequence(config.seed).generate_state(3)
+    batches = torch.Generator().manual_seed(int(batch_seed))
+    labels = torch.Generator().manual_seed(int(carried_seed))
+    emas = {name: {} for name in CARRIED if name in config.methods}
+    order, position, m = None, 0, config.batch_size
+    for k in range(iterations):
+        if order is None or position + m > len(x):
+            order, position = torch.randperm(len(x), generator=batches), 0
+        index = order[position : position + m]
+        position += m
+        xb, yb = x[index], y[index]
+        for name, ema in emas.items():
+            options = config.method_options[name]
+            if k % options["stat_period"]:
+                continue
+            model.zero_grad()
+            outputs = model(xb)
+            if name == "mbf-true-ema":  # one label per input from the model's softmax
+                yb_hat = torch.multinomial(outputs.detach().softmax(1), 1, generator=labels)
+                nn.functional.cross_entropy(outputs, yb_hat.squeeze(1)).backward()
+            else:
+                nn.functional.cross_entropy(outputs, yb).backward()
+            for layer, g in _blocks(model).items():
+                outer = g.unsqueeze(2) * g.unsqueeze(1)
+                beta = options["decay"]
+                ema[layer] = beta * ema.get(layer, torch.zeros_like(outer)) + (1 - beta) * outer
+        count = config.fisher_batch_size or m
+        yield (
+            model,
+            (xb[:count], yb[:count]),
+            {
+                name: {layer: torch.block_diag(*f) for layer, f in ema.items()}
+                for name, ema in emas.items()
+            },
+        )
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(xb), yb).backward()
+        optimizer.step()
+
+
+EMA_OPTIONS = {"mbf-ema": {"stat_period": 2, "decay": 0.8}, "mbf-true-ema": {"stat_period": 3}}
+
+
+def test_mbf_ema_is_mbfs_ema_of_the_minibatch_gradients_on_its_period():
+    model, _, _ = _problem(8)
+    x, y = _data()
+    options = {**EMA_OPTIONS, "mbf-true-ema": {"stat_period": 3, "decay": 0.9}}  # β default
+    config = ApproximationConfig(
+        methods=("mbf-ema", "mbf-true-ema", "mbf"),
+        fisher="exact",
+        iterations=7,
+        every=3,
+        batch_size=16,
+        fisher_batch_size=12,
+        lr=0.05,
+        method_options=EMA_OPTIONS,
+    )
+    run = ApproximationRun(copy.deepcopy(model), nn.CrossEntropyLoss(), x, y, config)
+    replay = _hand_rolled_emas(model, x, y, replace(config, method_options=options), 7)
+    for k, (reference, (xf, yf), expected) in enumerate(replay):
+        frame = run.run(1, progress=False)
+        for name, layers in expected.items():
+            for layer, F_hat in layers.items():
+                torch.testing.assert_close(
+                    run.carried[name].matrix(layer), F_hat, rtol=1e-10, atol=1e-14
+                )
+        if k % config.every:
+            assert frame.empty
+            continue
+        # the record at k compares that matrix with the fisher batch's exact Fisher at θ_k
+        F = layer_fisher(reference, nn.CrossEntropyLoss(), xf, yf, kind="exact")
+        rows = frame.set_index(["layer", "method"])
+        for name, layers in expected.items():
+            for layer, F_hat in layers.items():
+                norm = torch.linalg.matrix_norm(F[layer])
+                error = float(torch.linalg.matrix_norm(F[layer] - F_hat) / norm)
+                alpha, scaled = _scale_free(F[layer], F_hat)
+                row = rows.loc[(layer, name)]
+                assert row.error == pytest.approx(error, rel=1e-9)
+                assert row.scale == pytest.approx(alpha, rel=1e-9)
+                assert row.scaled_error == pytest.approx(scaled, rel=1e-8)
+    assert run.iteration == 7
+
+
+def test_carried_methods_resume_bit_identically_and_change_no_other_row():
+    model, _, _ = _problem(9)
+    x, y = _data()
+    config = ApproximationConfig(
+        methods=("kfac", "mbf-true", "mbf-ema", "mbf-true-ema"),
+        method_options=EMA_OPTIONS,
+        iterations=9,
+        every=2,
+        batch_size=16,
+    )
+    whole = ApproximationRun(copy.deepcopy(model), nn.CrossEntropyLoss(), x, y, config).run(
+        progress=False
+    )
+    first = ApproximationRun(copy.deepcopy(model), nn.CrossEntropyLoss(), x, y, config)
+    part = first.run(5, progress=False)  # stops between the statistics steps of both
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = ApproximationRun(copy.deepcopy(model), nn.CrossEntropyLoss(), x, y, config)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    rest = resumed.run(4, progress=False)
+    pd.testing.assert_frame_equal(
+        pd.concat([part, rest], ignore_index=True), whole, check_exact=True
+    )
+    plain = replace(config, methods=("kfac", "mbf-true"), method_options={})
+    alone = ApproximationRun(copy.deepcopy(model), nn.CrossEntropyLoss(), x, y, plain)
+    pd.testing.assert_frame_equal(
+        alone.run(progress=False),
+        whole[whole.method.isin(["kfac", "mbf-true"])].reset_index(drop=True),
+        check_exact=True,
+    )
+
+
+def test_carried_methods_need_a_trajectory():
+    model, x, y = _problem()
+    with pytest.raises(ValueError, match=r"\['mbf-ema'\] are MBF's EMA along a training"):
+        _errors(model, x, y, ["kfac", "mbf-ema"])
+    with pytest.raises(TypeError, match="has no setting"):
+        ApproximationConfig(methods=("mbf-ema",), method_options={"mbf-ema": {"beta": 0.5}})
 
 
 @pytest.mark.parametrize(

@@ -85,6 +85,45 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path, mon
     pd.testing.assert_frame_equal(resumed, expected)
 
 
+def test_the_scaled_metric_and_the_carried_ema_from_the_command_line(tmp_path, monkeypatch, capsys):
+    import mbf_analysis.plotting as plotting
+
+    drawn = []
+    original = plotting.plot_approximation_errors
+
+    def spy(frame, **kwargs):
+        drawn.append(kwargs["value"])
+        fig = original(frame, **kwargs)
+        drawn.append(fig.axes[0].get_ylabel())
+        return fig
+
+    monkeypatch.setattr(plotting, "plot_approximation_errors", spy)
+    out = tmp_path / "run"
+    argv = ["error", "--out", str(out), "--iterations", "5", "--every", "2", "--no-progress"]
+    argv += ["--methods", "mbf,mbf-ema,mbf-exact", "--batch-size", "32"]
+    assert main([*argv, "--metric", "scaled"]) == 0
+    assert drawn == ["scaled_error", "scale-free relative error (mean of 5)"]
+    record = json.loads((out / "run.json").read_text())
+    assert record["options"]["metric"] == "scaled"
+    rows = pd.read_csv(out / "error.csv")
+    assert list(rows.columns) == list(analysis.TRAJECTORY_COLUMNS)
+    assert (rows.scaled_error <= rows.error + 1e-12).all()
+    assert (rows[rows.method == "mbf-exact"].scale - 1).abs().max() < 1e-10
+    first = rows[rows.iteration == 0].set_index(["layer", "method"])
+    ema, one_shot = first.xs("mbf-ema", level="method"), first.xs("mbf", level="method")
+    # iteration 0: one EMA step from zero, (1 − β) ḡḡᵀ with β = 0.9, on the same batch
+    pd.testing.assert_series_equal(ema.scale, 10 * one_shot.scale, rtol=1e-9)
+    pd.testing.assert_series_equal(ema.scaled_error, one_shot.scaled_error, rtol=1e-9)
+    printed = capsys.readouterr().out
+    table = printed[printed.index("median relative error") :]
+    assert all(word in table for word in ("scaled_error", "scale", "mbf-ema", "fc1"))
+    # a CSV from before the two columns is refused on --resume, naming the file
+    old = [c for c in analysis.TRAJECTORY_COLUMNS if c not in ("scale", "scaled_error")]
+    rows[old].to_csv(out / "error.csv", index=False)
+    assert main(["error", "--resume", "--out", str(out), "--iterations", "7"]) == 2
+    assert "is not this analysis's CSV" in capsys.readouterr().err
+
+
 def test_the_papers_autoencoder_setting_on_real_mnist(tmp_path):
     out = tmp_path / "ae"
     argv = ["error", "--problem", "mnist-ae", "--data-dir", str(SHARED_DATA), "--iterations", "2"]

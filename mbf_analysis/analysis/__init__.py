@@ -2,6 +2,7 @@
 
 from mbf_analysis.analysis.approximation import (
     APPROXIMATED,
+    CARRIED,
     DEFAULT_APPROXIMATIONS,
     ERROR_COLUMNS,
     TRAJECTORY_COLUMNS,
@@ -27,6 +28,7 @@ from mbf_analysis.analysis.summary import fisher_summary, miniblock_mass
 
 __all__ = [
     "APPROXIMATED",
+    "CARRIED",
     "DEFAULT_APPROXIMATIONS",
     "ERROR_COLUMNS",
     "TRAJECTORY_COLUMNS",

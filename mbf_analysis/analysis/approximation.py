@@ -14,6 +14,13 @@ the same collection pass (the same sampled labels), in its one-shot form (this b
 layer and method:
 
 - ``error = ‖F − F̂‖_F / ‖F‖_F``;
+- ``scale = argmin_α ‖F − αF̂‖_F = ⟨F, F̂⟩ / ‖F̂‖²_F`` and the scale-free
+  ``scaled_error = ‖F − scale·F̂‖_F / ‖F‖_F = √(1 − ⟨F, F̂⟩² / (‖F‖²‖F̂‖²))``, the sine of the
+  Frobenius angle between ``F`` and ``F̂`` (METHODS.md §6.7). It is computed as
+  ``‖F − scale·F̂‖² = ‖F − F̂‖² − ‖F̂‖²(1 − scale)²`` from the same three numbers as ``error``,
+  so that ``scaled_error ≤ error`` holds in floating point too, with equality when ``F̂`` is a
+  projection of ``F`` (``mbf-exact``, ``bdf``: ``scale = 1``). ``F̂ = 0`` gives ``scale = 0``
+  and ``scaled_error = 1``;
 - ``singular_error = ‖σ̂ − σ‖₂ / ‖σ‖₂`` for the vectors of the ``top_k`` leading singular
   values of ``F`` and ``F̂`` (``|eigenvalues|``: ``F̂`` is symmetric, indefinite for the
   rank-2 methods);
@@ -26,12 +33,25 @@ layer and method:
 ``kfac``         ``A ⊗ G``, KFAC's factors of the kind (``fisher="exact"``: exact ``G``)
 ``kpsvd``...     ``Σ_k A_k ⊗ G_k`` of the Kronecker-SVD family (``kpsvd``, ``deflation``,
                  ``lanczos``, ``kfac-corrected``)
-``mbf``          its mini-block matrix ``blockdiag(u_j u_jᵀ)`` from the minibatch gradient
-                 (``mbf-true``: the sampled-label gradient), spatially averaged on the
-                 layers the method averages (``I ⊗ F̄``)
+``mbf``          its one-shot mini-block matrix ``blockdiag(ḡ_j ḡ_jᵀ)`` from the minibatch-mean
+                 gradient ``ḡ`` (``mbf-true``: the sampled-label gradient), spatially averaged
+                 on the layers the method averages (``I ⊗ F̄``). Over minibatches of ``m``
+                 samples at a fixed ``θ``, ``E[ḡḡᵀ] = μμᵀ + (F̃ − μμᵀ)/m`` (``μ`` and ``F̃``
+                 the full-data gradient and empirical Fisher, METHODS.md §6.7): about ``F/m``
+                 plus the mean-gradient term, so its ``error`` mostly measures the factor
+                 ``1/m`` (``error ≈ 1``) and its ``scaled_error`` the shape
+``mbf-ema``      the matrix MBF inverts: MBF's own EMA ``F_b ← β F_b + (1 − β) ḡ_b ḡ_bᵀ`` on
+                 its statistics period ``T1`` (:class:`~mbf_analysis.methods.MBFConfig`
+                 ``decay``, ``stat_period``) of the whole training minibatch's gradient,
+                 carried along a trajectory (``mbf-true-ema``: of the sampled-label
+                 gradient); see :class:`ApproximationRun`
 ``mbf-exact``    the mini-blocks of ``F`` itself (averaged the same way)
 ``bdf``          ``F`` itself: 0 by construction
 ===============  =========================================================================
+
+The carried methods (:data:`CARRIED`: ``mbf-ema``, ``mbf-true-ema``) have no one-shot form: a
+call of :func:`approximation_errors` compares the MBF methods it is given (``carried=``), as
+:class:`ApproximationRun` keeps them; without them it refuses these names.
 
 **Two paths.** A layer with ``d ≤ max_dense_dim`` parameters is compared densely: ``F`` from the
 per-sample rows in METHODS §2 order, ``F̂ = method.matrix(layer)``, ``torch.linalg.eigvalsh``
@@ -55,7 +75,8 @@ on the matrix-free product, started deterministically.
 
 :class:`ApproximationRun` records these errors every ``every`` iterations while a torch
 optimizer (Adam by default, as the paper's figure) trains the network: the trajectory form,
-resumable like :class:`~mbf_analysis.analysis.cosine.CosineRun`.
+resumable like :class:`~mbf_analysis.analysis.cosine.CosineRun`. It also carries the EMA of
+the carried methods, updated at every iteration on its training minibatch.
 """
 
 from __future__ import annotations
@@ -87,9 +108,11 @@ from mbf_analysis.errors import NonFiniteError, UnsupportedModuleError
 from mbf_analysis.layout import LayerLayout, model_layouts
 from mbf_analysis.methods import KFAC, MBF, BlockPlan, KroneckerSVD, Method
 from mbf_analysis.methods.kronecker_svd import sample_grams
+from mbf_analysis.stopping import stop_requests
 
 __all__ = [
     "APPROXIMATED",
+    "CARRIED",
     "DEFAULT_APPROXIMATIONS",
     "ERROR_COLUMNS",
     "TRAJECTORY_COLUMNS",
@@ -113,15 +136,23 @@ APPROXIMATED: tuple[str, ...] = (
     *DEFAULT_APPROXIMATIONS,
     "mbf",
     "mbf-true",
+    "mbf-ema",
+    "mbf-true-ema",
     "mbf-exact",
     "bdf",
 )
-"""Every registry method whose matrix approximates the Fisher."""
+"""Every method whose matrix approximates the Fisher: registry methods in one-shot form and the
+:data:`CARRIED` ones."""
+CARRIED: dict[str, str] = {"mbf-ema": "mbf", "mbf-true-ema": "mbf-true"}
+"""The methods compared as a trajectory carries them (name → registry method): MBF's EMA of
+``F_b`` with its own ``decay`` and ``stat_period``, not its one-shot form."""
 ERROR_COLUMNS: tuple[str, ...] = (
     "layer",
     "method",
     "fisher",
     "error",
+    "scale",
+    "scaled_error",
     "singular_error",
     "clamped",
     "fisher_norm",
@@ -136,6 +167,9 @@ _KINDS = {"true": KRON_SAMPLES_SAMPLED, "empirical": KRON_SAMPLES, "exact": KRON
 _WITH_FISHER = frozenset({"kfac", "kpsvd", "deflation", "lanczos", "kfac-corrected"})
 _FROM_REFERENCE = frozenset({"mbf-exact", "bdf"})
 _MAX_KERNEL = 4096
+_NEVER = 2**62
+"""The carried methods' default ``inverse_period``: the analysis reads ``F_b``, never ``P_b``
+(one inversion, at ``k = 0``)."""
 _CHUNK_BYTES = 2**28
 
 
@@ -394,8 +428,9 @@ def _linear_layers(layouts: Mapping[str, LayerLayout], layers: Sequence[str] | N
 def _build(
     names: Sequence[str], fisher: str, options: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, Method]:
-    """Fresh one-shot methods (``bdf`` and ``mbf-exact`` are built for their configuration:
-    their ``F̂`` comes from the reference)."""
+    """Fresh methods: one-shot ones (``bdf`` and ``mbf-exact`` are built for their
+    configuration: their ``F̂`` comes from the reference) and the :data:`CARRIED` ones with
+    their own configuration (``inverse_period`` :data:`_NEVER` unless given)."""
     stray = sorted(set(options) - set(names))
     if stray:
         raise ValueError(f"method_options given for {stray}, which are not compared: {names}.")
@@ -410,10 +445,15 @@ def _build(
                 )
             opts["fisher"] = fisher
         per_method[name] = opts
-    built = registry.build_methods(list(names), **per_method)
+    one_shot = [name for name in names if name not in CARRIED]
+    built = registry.build_methods(one_shot, **{n: per_method[n] for n in one_shot})
     for method in built.values():
         method.config = method.config.one_shot()
-    return built
+    for name in names:
+        if name in CARRIED:
+            opts = {"inverse_period": _NEVER, **per_method[name]}
+            built[name] = registry.get(CARRIED[name], **opts)
+    return {name: built[name] for name in names}
 
 
 def _plan(method: MBF, layouts: Mapping[str, LayerLayout], layer: str) -> BlockPlan:
@@ -473,6 +513,18 @@ def _relative(numerator_sq: float, denominator_sq: float) -> float:
     return math.sqrt(max(numerator_sq, 0.0) / denominator_sq)
 
 
+def _scaled(
+    residual_sq: float, norm_sq: float, inner: float, approx_sq: float
+) -> tuple[float, float]:
+    """``(scale, scaled_error)`` from ``‖F − F̂‖²``, ``‖F‖²``, ``⟨F, F̂⟩`` and ``‖F̂‖²``:
+    ``α = ⟨F, F̂⟩/‖F̂‖²`` and ``‖F − αF̂‖² = ‖F − F̂‖² − ‖F̂‖²(1 − α)²`` relative to ``‖F‖²``
+    (``F̂ = 0``: ``α = 0``, the residual is ``‖F‖²``)."""
+    if approx_sq == 0.0:
+        return 0.0, _relative(norm_sq, norm_sq)
+    scale = inner / approx_sq
+    return scale, _relative(residual_sq - (approx_sq - inner) ** 2 / approx_sq, norm_sq)
+
+
 def approximation_errors(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -487,13 +539,15 @@ def approximation_errors(
     generator: torch.Generator | None = None,
     method_options: Mapping[str, Mapping[str, Any]] | None = None,
     memory_budget: int | None = None,
+    carried: Mapping[str, Method] | None = None,
 ) -> pd.DataFrame:
     """Per Linear layer and method, the error of the method's one-shot ``F̂`` against ``F``.
 
     One collection pass (:func:`~mbf_analysis.curvature.collect.collect`) gives every method's
     statistics and the reference's per-sample factors; the methods run in one-shot form
-    (:meth:`~mbf_analysis.methods.MethodConfig.one_shot`). See the module docstring for the
-    quantities and the two paths.
+    (:meth:`~mbf_analysis.methods.MethodConfig.one_shot`), except the :data:`CARRIED` ones,
+    which are compared as given in ``carried`` (this batch does not update them). See the
+    module docstring for the quantities and the two paths.
 
     Args:
         model: The network (the Kronecker-SVD methods refuse a model with a Conv2d layer).
@@ -510,12 +564,16 @@ def approximation_errors(
         method_options: Method name → its configuration fields (e.g.
             ``{"lanczos": {"lanczos_steps": 4}}``); ``fisher`` is set by the analysis.
         memory_budget: Bytes for the exact-Fisher pass (see ``collect``).
+        carried: :data:`CARRIED` name → its MBF method as a trajectory carries it, updated up to
+            this batch (:class:`ApproximationRun` passes its own); needed for every carried
+            name in ``methods``.
 
     Returns:
         A tidy frame with :data:`ERROR_COLUMNS`, one row per layer and method, in that order.
 
     Raises:
-        ValueError: For an unknown method or Fisher kind, or a bad ``top_k``.
+        ValueError: For an unknown method or Fisher kind, a bad ``top_k``, or a carried method
+            that ``carried`` lacks (it has no one-shot form: it needs a trajectory).
         UnsupportedModuleError: For a layer that is not Linear (and, from the Kronecker-SVD
             methods, for a model with a Conv2d layer).
     """
@@ -526,7 +584,16 @@ def approximation_errors(
     layouts = model_layouts(model)
     chosen = _linear_layers(layouts, layers)
     built = _build(names, fisher, method_options or {})
-    needs = frozenset().union(*(m.needs for n, m in built.items() if n not in _FROM_REFERENCE))
+    carried = carried or {}
+    lacking = [name for name in names if name in CARRIED and name not in carried]
+    if lacking:
+        raise ValueError(
+            f"{lacking} are MBF's EMA along a training trajectory and have no one-shot form; "
+            "record them with ApproximationRun or mbf-analyze error (or pass carried=...)."
+        )
+    built.update({name: carried[name] for name in names if name in CARRIED})
+    fresh = [name for name in names if name not in _FROM_REFERENCE and name not in CARRIED]
+    needs = frozenset().union(*(built[name].needs for name in fresh))
     stats = collect(
         model,
         loss_fn,
@@ -536,9 +603,8 @@ def approximation_errors(
         generator=generator,
         memory_budget=memory_budget,
     )
-    for name, method in built.items():
-        if name not in _FROM_REFERENCE:
-            method.update(stats)
+    for name in fresh:
+        built[name].update(stats)
     samples = stats.statistic(_KINDS[fisher])
     rows = []
     for layer in chosen:
@@ -552,13 +618,16 @@ def approximation_errors(
             method = built[name]
             if dense_path:
                 approx = _dense_approximation(name, method, dense, layer, layouts)
-                error = _relative(float((dense - approx).square().sum()), ref.norm_sq)
+                residual = float((dense - approx).square().sum())
+                inner, approx_sq = float((dense * approx).sum()), float(approx.square().sum())
                 approx_top = _top(torch.linalg.eigvalsh(approx), top_k) if top_k else None
             else:
                 factored = _factored(name, method, ref, layer, layouts)
-                residual = ref.norm_sq - 2 * factored.inner(ref) + factored.norm_sq()
-                error = 0.0 if name == "bdf" else _relative(residual, ref.norm_sq)
+                inner, approx_sq = factored.inner(ref), factored.norm_sq()
+                residual = 0.0 if name == "bdf" else ref.norm_sq - 2 * inner + approx_sq
                 approx_top = factored.top(top_k) if top_k else None
+            error = _relative(residual, ref.norm_sq)
+            scale, scaled_error = _scaled(residual, ref.norm_sq, inner, approx_sq)
             singular = math.nan
             if top_k:
                 singular = _relative(
@@ -573,6 +642,8 @@ def approximation_errors(
                     "method": name,
                     "fisher": fisher,
                     "error": error,
+                    "scale": scale,
+                    "scaled_error": scaled_error,
                     "singular_error": singular,
                     "clamped": clamped,
                     "fisher_norm": math.sqrt(ref.norm_sq),
@@ -618,7 +689,9 @@ class ApproximationConfig:
         top_k: As for :func:`approximation_errors`.
         max_dense_dim: As for :func:`approximation_errors`.
         seed: Seed (``≥ 0``) of the minibatch order and of the sampled labels.
-        method_options: As for :func:`approximation_errors`.
+        method_options: As for :func:`approximation_errors`; a :data:`CARRIED` method takes
+            the fields of :class:`~mbf_analysis.methods.MBFConfig` (``decay`` ``β``, default
+            0.9; ``stat_period`` ``T1``, default 1).
     """
 
     methods: Sequence[str] = DEFAULT_APPROXIMATIONS
@@ -670,11 +743,15 @@ class ApproximationRun:
     """Fisher-approximation errors along a training trajectory (module docstring).
 
     Per iteration ``k``: draw a minibatch (a fresh permutation of the ``N`` samples every epoch,
-    the last ``N mod m`` dropped, as :class:`~mbf_analysis.analysis.cosine.CosineRun`); when
-    ``k ≡ 0 (mod every)``, record :func:`approximation_errors` on its first
+    the last ``N mod m`` dropped, as :class:`~mbf_analysis.analysis.cosine.CosineRun`); fold
+    it into the :data:`CARRIED` methods (MBF's own :meth:`~mbf_analysis.methods.Method.update`
+    on the whole minibatch at ``θ_k``: ``F_b ← β F_b + (1 − β) ḡ_b ḡ_bᵀ`` when
+    ``k ≡ 0 (mod T1)``, so that a record at ``k`` sees the matrix MBF's step ``k`` inverts);
+    when ``k ≡ 0 (mod every)``, record :func:`approximation_errors` on its first
     ``fisher_batch_size`` samples at ``θ_k``; then take one optimizer step on the minibatch
     loss ``L = (1/m) Σ_n ℓ_n`` (METHODS §1 convention, e.g. ``½‖f − y‖²`` for MSE). The model
-    is trained in place.
+    is trained in place. The carried methods' sampled labels (``mbf-true-ema``) have their own
+    random stream, so adding them changes no other row.
 
     Args:
         model, loss_fn: The network (trained in place) and its loss.
@@ -685,6 +762,8 @@ class ApproximationRun:
     Attributes:
         iteration: ``k`` of the next iteration (the number of optimizer steps taken).
         optimizer: The torch optimizer.
+        carried: :data:`CARRIED` name → its :class:`~mbf_analysis.methods.MBF` method, updated
+            through iteration ``k − 1`` (``method.matrix(layer)`` is its ``blockdiag(F_b)``).
 
     Raises:
         ValueError: For mismatched inputs/targets or a batch size above ``N``.
@@ -715,9 +794,13 @@ class ApproximationRun:
         self.optimizer = cls(model.parameters(), lr=self.config.lr, **self.config.optimizer_options)
         self.iteration = 0
         device = next(model.parameters()).device
-        batch_seed, label_seed = np.random.SeedSequence(self.config.seed).generate_state(2)
-        self._batch_generator = torch.Generator().manual_seed(int(batch_seed))
-        self._label_generator = torch.Generator(device=device).manual_seed(int(label_seed))
+        seeds = np.random.SeedSequence(self.config.seed).generate_state(3)
+        batch_seed, label_seed, carried_seed = (int(seed) for seed in seeds)
+        self._batch_generator = torch.Generator().manual_seed(batch_seed)
+        self._label_generator = torch.Generator(device=device).manual_seed(label_seed)
+        self._carried_generator = torch.Generator(device=device).manual_seed(carried_seed)
+        built = _build(self.config.methods, self.config.fisher, self.config.method_options)
+        self.carried = {name: built[name] for name in self.config.methods if name in CARRIED}
         self._permutation: Tensor | None = None
         self._position = 0
 
@@ -742,19 +825,26 @@ class ApproximationRun:
 
         Raises:
             NonFiniteError: When the training loss is NaN or Inf.
+            StopRequested: After Ctrl-C or SIGTERM (a ``KeyboardInterrupt``,
+                :mod:`mbf_analysis.stopping`), raised once the iteration in progress is whole
+                and its rows have gone to ``on_record``: :meth:`state_dict` and another
+                :meth:`run` then continue exactly. A second Ctrl-C stops at once and may leave
+                the runner inside an iteration; continue from a saved :meth:`state_dict` then.
         """
         n = self.config.iterations if n_iterations is None else n_iterations
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"n_iterations must be an integer ≥ 0, got {n!r}.")
         frames = []
         bar = tqdm(range(n), desc="Fisher-approximation errors", disable=not progress)
-        for _ in bar:
-            frame, loss = self._iterate()
-            bar.set_postfix(loss=f"{loss:.4g}")
-            if frame is not None:
-                frames.append(frame)
-                if on_record is not None:
-                    on_record(frame)
+        with stop_requests() as stop:
+            for _ in bar:
+                frame, loss = self._iterate()
+                bar.set_postfix(loss=f"{loss:.4g}")
+                if frame is not None:
+                    frames.append(frame)
+                    if on_record is not None:
+                        on_record(frame)
+                stop.check()
         if not frames:
             return pd.DataFrame(columns=list(TRAJECTORY_COLUMNS))
         return pd.concat(frames, ignore_index=True)
@@ -785,6 +875,8 @@ class ApproximationRun:
                 f"the training loss is {value} at iteration {k}; lower the learning rate "
                 f"(now {cfg.lr:g})."
             )
+        if self.carried:
+            self._update_carried(inputs, targets)
         if k % cfg.every == 0:
             count = cfg.fisher_batch_size or len(inputs)
             frame = approximation_errors(
@@ -799,6 +891,7 @@ class ApproximationRun:
                 max_dense_dim=cfg.max_dense_dim,
                 generator=self._label_generator,
                 method_options=cfg.method_options,
+                carried=self.carried,
             )
             frame.insert(0, "loss", value)
             frame.insert(0, "iteration", k)
@@ -807,12 +900,28 @@ class ApproximationRun:
         self.iteration += 1
         return frame, value
 
+    def _update_carried(self, inputs: Tensor, targets: Tensor) -> None:
+        """One :meth:`~mbf_analysis.methods.Method.update` of every carried method on the
+        minibatch, from one collection pass of the statistics their next update reads."""
+        needs = frozenset().union(*(m.next_needs() for m in self.carried.values()))
+        stats = collect(
+            self.model,
+            self.loss_fn,
+            inputs,
+            targets,
+            needs,
+            generator=self._carried_generator,
+        )
+        for method in self.carried.values():
+            method.update(stats)
+
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue identically (``torch.save``-able).
 
         Returns:
             ``{"iteration", "config", "model", "optimizer", "batch_generator",
-            "label_generator", "permutation", "position"}``.
+            "label_generator", "permutation", "position", "carried", "carried_generator"}``
+            (``carried``: name → the carried method's state dict).
         """
         return {
             "iteration": self.iteration,
@@ -823,10 +932,13 @@ class ApproximationRun:
             "label_generator": self._label_generator.get_state(),
             "permutation": None if self._permutation is None else self._permutation.clone(),
             "position": self._position,
+            "carried": {name: method.state_dict() for name, method in self.carried.items()},
+            "carried_generator": self._carried_generator.get_state(),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (model, optimizer, generators, iteration counter).
+        """Restore :meth:`state_dict` (model, optimizer, carried methods, generators, iteration
+        counter).
 
         Raises:
             ValueError: If the state was saved with other methods or another optimizer.
@@ -851,6 +963,10 @@ class ApproximationRun:
         self._permutation = None if permutation is None else permutation.clone()
         self._position = int(state_dict["position"])
         self.iteration = int(state_dict["iteration"])
+        for name, method in self.carried.items():
+            method.load_state_dict(state_dict["carried"][name])
+        if self.carried:
+            self._carried_generator.set_state(state_dict["carried_generator"])
 
 
 def approximation_trajectory(

@@ -132,6 +132,7 @@ from mbf_analysis.errors import MemoryBudgetError, NonFiniteError
 from mbf_analysis.layout import LayerLayout, model_layouts
 from mbf_analysis.linalg import add_gram_, damped_solve, woodbury_damped_solve
 from mbf_analysis.methods import Method
+from mbf_analysis.stopping import stop_requests
 
 __all__ = [
     "COLUMNS",
@@ -557,22 +558,30 @@ class CosineRun:
                 methods' states then include the failed iteration's statistics, so continue from
                 a saved :meth:`state_dict` rather than from this runner.
             ValueError: When a minibatch has NaN or Inf inputs.
+            StopRequested: After Ctrl-C or SIGTERM (a ``KeyboardInterrupt``,
+                :mod:`mbf_analysis.stopping`), raised once the iteration in progress is whole and
+                its rows have gone to ``on_record``: the runner then stands at the start of the
+                next iteration, so :meth:`state_dict` and another :meth:`run` continue exactly.
+                A second Ctrl-C stops at once and may leave the runner inside an iteration;
+                continue from a saved :meth:`state_dict` then.
         """
         n = self.config.iterations if n_iterations is None else n_iterations
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"n_iterations must be an integer ≥ 0, got {n!r}.")
         rows: list[dict[str, Any]] = []
         bar = tqdm(range(n), desc="cosine (BDF trajectory)", disable=not progress)
-        for _ in bar:
-            try:
-                new, loss = self._iterate()
-            except CosineDivergedError as err:
-                err.frame = self._frame(rows)
-                raise
-            rows += new
-            bar.set_postfix(loss=f"{loss:.4g}")
-            if on_record is not None:
-                on_record(self._frame(new))
+        with stop_requests() as stop:
+            for _ in bar:
+                try:
+                    new, loss = self._iterate()
+                except CosineDivergedError as err:
+                    err.frame = self._frame(rows)
+                    raise
+                rows += new
+                bar.set_postfix(loss=f"{loss:.4g}")
+                if on_record is not None:
+                    on_record(self._frame(new))
+                stop.check()
         return self._frame(rows)
 
     def _frame(self, rows: list[dict[str, Any]]) -> pd.DataFrame:

@@ -24,8 +24,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
+from typing import NoReturn
 
 __all__ = ["main", "build_parser"]
 
@@ -38,14 +41,25 @@ SUBCOMMANDS = ("fisher", "heatmap", "cosine", "error", "train")
 INTERRUPTED = 130
 """Exit code after Ctrl-C (128 + SIGINT)."""
 
+TERMINATED = 143
+"""Exit code after SIGTERM (128 + SIGTERM)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line: the error and where help is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``mbf-analyze`` and its subcommands."""
+    """The argument parser of ``mbf-analyze`` and its subcommands (a usage error prints one
+    line, ``mbf-analyze CMD: error: ... (see 'mbf-analyze CMD --help')``, and exits 2)."""
     import importlib
 
     from mbf_analysis import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Curvature analysis of the Mini-Block Fisher method (Bahamou, Goldfarb, Ren).",
     )
@@ -64,29 +78,46 @@ def _choose_wait_policy() -> str:
     return PROG
 
 
-def _interrupted(err: BaseException) -> bool:
-    """Whether ``err`` is, or was caused by, a Ctrl-C (an import cut short by ``SIGINT`` can
-    surface as an ``ImportError`` chained to the ``KeyboardInterrupt``). A ``SystemExit`` is an
-    exit a subcommand chose (it has said how to resume), never an interruption to report."""
+def _interruption(err: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM that ``err`` is or was caused by (an import cut short by
+    ``SIGINT`` can surface as an ``ImportError`` chained to the ``KeyboardInterrupt``), or
+    ``None``. A ``SystemExit`` is an exit a subcommand chose (it has said how to resume), never
+    an interruption to report."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen and not isinstance(err, SystemExit):
         if isinstance(err, KeyboardInterrupt):
-            return True
+            return err
         seen.add(id(err))
         err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
-    return False
+    return None
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM outside a loop that stops cleanly: stop at once, as Ctrl-C does."""
+    from mbf_analysis.stopping import Interrupted
+
+    raise Interrupted(signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``mbf-analyze``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
         return _main(argv)
     except BaseException as err:
-        if not _interrupted(err):
+        interruption = _interruption(err)
+        if interruption is None:
             raise
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return INTERRUPTED
+        code = getattr(interruption, "exit_code", INTERRUPTED)
+        print(f"{PROG}: {'terminated' if code == TERMINATED else 'interrupted'}", file=sys.stderr)
+        return code
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+        if "mbf_analysis.cli.run_folder" in sys.modules:
+            sys.modules["mbf_analysis.cli.run_folder"].release_all()
 
 
 def _main(argv: list[str]) -> int:

@@ -49,6 +49,7 @@ from mbf_analysis.cli.recording import (
     resumed_settings,
 )
 from mbf_analysis.cli.run_folder import RunFolder
+from mbf_analysis.stopping import StopRequested, exit_code
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -351,7 +352,9 @@ def run(args: argparse.Namespace) -> None:
     columns = config.columns
     device = parse_device(args.device)
     analysis = CosineRun(model, nn.CrossEntropyLoss(), dataset.train_x, dataset.train_y, config)
-    recorder = _Recorder(out / CSV_NAME, out / STATE_NAME, analysis, columns, args.checkpoint_every)
+    recorder = _Recorder(
+        out / CSV_NAME, out / STATE_NAME, analysis, columns, args.checkpoint_every, "cosine"
+    )
     folder.add_files(CSV_NAME, STATE_NAME)
     if record is not None:
         state = torch.load(out / STATE_NAME, map_location=device, weights_only=True)
@@ -366,7 +369,6 @@ def run(args: argparse.Namespace) -> None:
     remaining = max(config.iterations - analysis.iteration, 0)
     first_iteration = analysis.iteration
     loaded = time.perf_counter()
-    status = "complete"
     timings: dict[str, float] = {"load": loaded - start}
     _record(folder, settings, args, "running", timings, data_folder)
     print(
@@ -374,6 +376,7 @@ def run(args: argparse.Namespace) -> None:
         f"{remaining} iterations of batch {config.batch_size}, lr {config.lr:g}, "
         f"damping {config.damping:g}, methods {','.join(config.methods)} → {out}"
     )
+    status, whole = "complete", True
     try:
         analysis.run(remaining, on_record=recorder, progress=args.progress)
     except CosineDivergedError as err:
@@ -382,18 +385,21 @@ def run(args: argparse.Namespace) -> None:
             f"{err} The iterations before it are in {out / CSV_NAME}; start a new run with "
             "another --out."
         ) from err
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         status = "interrupted"
-        print(f"\ninterrupted; continue with: mbf-analyze cosine --resume --out {out}")
-        raise SystemExit(130) from None
+        whole = isinstance(err, StopRequested)
+        raise SystemExit(exit_code(err)) from None
+    except BaseException:
+        status = "failed"
+        raise
     finally:
         done = time.perf_counter()
         previous = None if record is None else record.get("timings_s")
         ran = analysis.iteration - first_iteration
         timings.update(iteration_timings(previous, done - loaded, ran))
-        if status == "complete":
-            recorder.save()
-        _record(folder, settings, args, status, timings, data_folder)
+        recorder.finish(
+            status, whole, lambda: _record(folder, settings, args, status, timings, data_folder)
+        )
     frame = pd.read_csv(out / CSV_NAME)
     collapsed = collapse_iteration(frame)
     full = config.reference == "full"

@@ -6,16 +6,24 @@ A torch optimizer (``--trajectory``, Adam by default, as in the paper) trains th
 ``--every`` iterations, before the step, each method's one-shot matrix ``F̂`` of every chosen
 Linear layer is compared with that batch's Fisher block ``F`` of the kind ``--fisher`` (``true``:
 one label sampled from the model per input, the paper's Fisher; ``empirical``; ``exact``):
-``error = ‖F − F̂‖_F / ‖F‖_F`` and ``singular_error``, the relative error of the vector of the
-leading singular values.
+``error = ‖F − F̂‖_F / ‖F‖_F``; ``scale = ⟨F, F̂⟩ / ‖F̂‖²_F``, the best multiple, and
+``scaled_error = ‖F − scale·F̂‖_F / ‖F‖_F``, the error of the shape alone; and
+``singular_error``, the relative error of the vector of the leading singular values. ``mbf`` is
+MBF's one-shot ``blockdiag(ḡ_j ḡ_jᵀ)`` of the minibatch-mean gradient (about ``F/m``: its
+``error`` is ≈ 1 by scale alone), ``mbf-ema`` the EMA of it that MBF inverts, carried along the
+run (``mbf-true``, ``mbf-true-ema``: of the sampled-label gradient), ``mbf-exact`` the
+mini-blocks of ``F`` itself.
 
 Files in ``--out`` (default ``runs/error-<dataset>-<model>``, or ``runs/error-<problem>``):
 
-- ``error.csv``: the tidy rows (``iteration, loss, layer, method, fisher, error,
-  singular_error, clamped, fisher_norm, path``), appended after every record;
+- ``error.csv``: the tidy rows (``iteration, loss, layer, method, fisher, error, scale,
+  scaled_error, singular_error, clamped, fisher_norm, path``), appended after every record; a
+  run recorded before ``scale`` and ``scaled_error`` existed cannot be resumed (its header
+  differs);
 - ``error_state.pt``: the resumable state, written atomically once a minute (or every
   ``--checkpoint-every`` iterations), at the start and at the end;
-- ``run.json`` and ``error.png``/``.pdf`` (one panel per layer, both error kinds, smoothed).
+- ``run.json`` and ``error.png``/``.pdf`` (one panel per layer, smoothed: ``--metric error`` or
+  ``scaled`` solid, the singular values' error dashed).
 
 ``--resume --out DIR`` continues a run with its saved settings (a larger ``--iterations``
 extends it); every recorded iteration appears once.
@@ -51,6 +59,7 @@ from mbf_analysis.cli.recording import (
     resumed_settings,
 )
 from mbf_analysis.cli.run_folder import RunFolder
+from mbf_analysis.stopping import StopRequested, exit_code
 
 CSV_NAME = "error.csv"
 STATE_NAME = "error_state.pt"
@@ -65,6 +74,8 @@ APPROXIMATED = (
     "kfac-corrected",
     "mbf",
     "mbf-true",
+    "mbf-ema",
+    "mbf-true-ema",
     "mbf-exact",
     "bdf",
 )
@@ -102,6 +113,11 @@ Adam at lr 1e-3, float32 training); explicit options override it."""
 
 SETTINGS = tuple(DEFAULTS)
 
+METRICS = {"error": "error", "scaled": "scaled_error"}
+"""``--metric`` → the column the figure draws."""
+SUMMARY = ("error", "scaled_error", "scale")
+"""The medians the summary prints under each layer."""
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``error`` on the subcommand parsers."""
@@ -110,10 +126,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="how well each method's matrix approximates the Fisher, along a training run",
         description="Train the network with a torch optimizer (--trajectory, default adam) and "
         "record every --every iterations, per Linear layer and method, the relative error "
-        "‖F − F̂‖_F / ‖F‖_F of the method's one-shot matrix against that batch's Fisher of the "
-        "kind --fisher, and the relative error of the leading singular values (the "
-        "Kronecker-SVD paper's figure). Writes error.csv (appended as it runs), error_state.pt, "
-        "run.json and error.png/.pdf. Without options it runs on the embedded digits data.",
+        "‖F − F̂‖_F / ‖F‖_F of the method's one-shot matrix (mbf-ema, mbf-true-ema: MBF's EMA "
+        "carried along the run) against that batch's Fisher of the kind --fisher, the "
+        "scale-free error min_α ‖F − αF̂‖_F / ‖F‖_F with its α, and the relative error of the "
+        "leading singular values (the Kronecker-SVD paper's figure). Writes error.csv "
+        "(appended as it runs), error_state.pt, run.json and error.png/.pdf. Without options "
+        "it runs on the embedded digits data.",
     )
     parser.add_argument(
         "--problem",
@@ -173,6 +191,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--dtype", choices=["float32", "float64"], default=None, help="precision (float64)"
     )
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument(
+        "--metric",
+        choices=list(METRICS),
+        default="error",
+        help="what the figure draws: error, ‖F − F̂‖_F/‖F‖_F, or scaled, the scale-free "
+        "min_α ‖F − αF̂‖_F/‖F‖_F (default: error; the CSV has both)",
+    )
     add_threads(parser)
     add_out(parser, resumable=True, default="default: runs/error-<problem or data-model>")
     add_recording_options(parser, state_name=STATE_NAME, smoothing=5, unit="records")
@@ -255,18 +280,28 @@ def _record(folder: RunFolder, settings, args, status: str, timings, data_folder
                 "threads": args.threads,
                 "checkpoint_every": args.checkpoint_every,
                 "smoothing": args.smoothing,
+                "metric": args.metric,
             },
             "timings_s": timings,
         }
     )
 
 
-def median_table(frame):
-    """Median ``error`` per method (rows, in the run's order) and layer (columns)."""
+def median_table(frame, value: str = "error"):
+    """Median ``value`` per method (rows, in the run's order) and layer (columns)."""
     methods = list(dict.fromkeys(frame.method))
     layers = list(dict.fromkeys(frame.layer))
-    table = frame.pivot_table(index="method", columns="layer", values="error", aggfunc="median")
+    table = frame.pivot_table(index="method", columns="layer", values=value, aggfunc="median")
     return table.reindex(index=methods, columns=layers)
+
+
+def summary_table(frame):
+    """The :func:`median_table` of each of :data:`SUMMARY`, side by side under each layer
+    (columns ``(layer, value)``)."""
+    import pandas as pd
+
+    tables = pd.concat({value: median_table(frame, value) for value in SUMMARY}, axis=1)
+    return tables.swaplevel(axis=1)[list(dict.fromkeys(frame.layer))]
 
 
 def run(args: argparse.Namespace) -> None:
@@ -320,7 +355,12 @@ def run(args: argparse.Namespace) -> None:
     inputs = dataset.train_x.to(getattr(torch, settings["dtype"]))
     analysis = ApproximationRun(model, loss_fn, inputs, targets, config)
     recorder = Recorder(
-        out / CSV_NAME, out / STATE_NAME, analysis, TRAJECTORY_COLUMNS, args.checkpoint_every
+        out / CSV_NAME,
+        out / STATE_NAME,
+        analysis,
+        TRAJECTORY_COLUMNS,
+        args.checkpoint_every,
+        "error",
     )
     folder.add_files(CSV_NAME, STATE_NAME)
     if record is not None:
@@ -345,7 +385,7 @@ def run(args: argparse.Namespace) -> None:
         f"{remaining} iterations of batch {config.batch_size}, every {config.every}, "
         f"{config.fisher} Fisher, methods {','.join(config.methods)} → {out}"
     )
-    status = "complete"
+    status, whole = "complete", True
     try:
         analysis.run(remaining, on_record=recorder, progress=args.progress)
     except NonFiniteError as err:
@@ -354,35 +394,42 @@ def run(args: argparse.Namespace) -> None:
             f"{err} The records before it are in {out / CSV_NAME}; lower --lr and start a new "
             "run with another --out."
         ) from err
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         status = "interrupted"
-        print(f"\ninterrupted; continue with: mbf-analyze error --resume --out {out}")
-        raise SystemExit(130) from None
+        whole = isinstance(err, StopRequested)
+        raise SystemExit(exit_code(err)) from None
+    except BaseException:
+        status = "failed"
+        raise
     finally:
         done = time.perf_counter()
         previous = None if record is None else record.get("timings_s")
         ran = analysis.iteration - first_iteration
         timings.update(iteration_timings(previous, done - loaded, ran))
-        if status == "complete":
-            recorder.save()
-        _record(folder, settings, args, status, timings, data_folder)
+        recorder.finish(
+            status, whole, lambda: _record(folder, settings, args, status, timings, data_folder)
+        )
     frame = pd.read_csv(out / CSV_NAME)
+    shown = {"error": "‖F − F̂‖/‖F‖", "scaled": "min_α ‖F − αF̂‖/‖F‖"}[args.metric]
     title = (
-        f"{what}: ‖F − F̂‖/‖F‖ along {settings['trajectory']} (lr {config.lr:g}), "
+        f"{what}: {shown} along {settings['trajectory']} (lr {config.lr:g}), "
         f"{config.fisher} Fisher, batch {config.fisher_batch_size or config.batch_size}"
     )
-    fig = plot_approximation_errors(frame, smoothing=args.smoothing, title=title)
+    fig = plot_approximation_errors(
+        frame, smoothing=args.smoothing, title=title, value=METRICS[args.metric]
+    )
     png, pdf = save_figure(fig, out / FIGURE_NAME)
     folder.add_files(png, pdf)
     timings["plot"] = time.perf_counter() - done
     _record(folder, settings, args, status, timings, data_folder)
     losses = frame.groupby("iteration")["loss"].first()
     print(
-        f"median relative error ‖F − F̂‖_F/‖F‖_F over {len(losses)} records "
+        f"median relative error ‖F − F̂‖_F/‖F‖_F, scale-free scaled_error "
+        f"‖F − scale·F̂‖_F/‖F‖_F and scale = ⟨F, F̂⟩/‖F̂‖²_F over {len(losses)} records "
         f"(loss {losses.iloc[0]:.4g} → {losses.iloc[-1]:.4g}):"
     )
     with pd.option_context("display.width", 160, "display.float_format", "{:.3g}".format):
-        print(median_table(frame).to_string())
+        print(summary_table(frame).to_string())
     clamped = frame.groupby("method").clamped.sum()
     clamped = clamped[clamped > 0]
     if len(clamped):

@@ -23,8 +23,7 @@ from mbf_analysis.cli.common import (
     positive_float,
     require_data,
 )
-from mbf_analysis.cli.pretraining import add_pretraining, pretrain
-from mbf_analysis.cli.run_folder import RunFolder
+from mbf_analysis.cli.pretraining import add_pretraining, claim_folder, pretrain, stopped
 
 CSV_NAME = "fisher_summary.csv"
 
@@ -48,16 +47,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--layers", type=csv_list, default=None, help="comma-separated module names (default: all)"
     )
     add_pretraining(fisher, epochs_type=non_negative_int, default_epochs="0: untrained")
-    add_out(fisher, resumable=False, default="default: print only")
+    add_out(fisher, resumable=True, default="default: print only")
     fisher.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
     check_kinds(args.kinds)
-    folder = None
-    if args.out is not None:
-        folder = RunFolder(args.out, "fisher", (CSV_NAME,), resumable=False)
-        folder.claim(overwrite=args.overwrite)
+    folder = claim_folder(args, "fisher", (CSV_NAME,))
     data_folder = require_data(args.dataset, args.data_dir, args.download)
 
     import pandas as pd
@@ -70,7 +66,10 @@ def run(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     dataset, model_name, model = dataset_and_model(args)
     check_layers(model, args.layers)
-    model, trained = pretrain(args, dataset, model_name, model, epochs=args.epochs or 0)
+    try:
+        model, trained = pretrain(args, dataset, model_name, model, epochs=args.epochs or 0)
+    except KeyboardInterrupt as err:
+        stopped(err, args, folder, "fisher")
     inputs, targets = batch_of(dataset, args.batch_size, args.seed)
     loaded = time.perf_counter()
     frame = fisher_summary(

@@ -24,7 +24,7 @@ from mbf_analysis.cli.common import (
     positive_int,
     require_data,
 )
-from mbf_analysis.cli.pretraining import add_pretraining, pretrain
+from mbf_analysis.cli.pretraining import add_pretraining, claim_folder, pretrain, stopped
 from mbf_analysis.cli.run_folder import RunFolder
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=True,
         help=f"write the inverses to {MATRICES_NAME} in --out (default: yes)",
     )
-    add_out(heatmap, resumable=False, default="default: print only")
+    add_out(heatmap, resumable=True, default="default: print only")
     heatmap.set_defaults(run=run)
 
 
@@ -209,10 +209,7 @@ def _save_heatmaps(
 
 def run(args: argparse.Namespace) -> None:
     check_kinds(args.kinds)
-    folder = None
-    if args.out is not None:
-        folder = RunFolder(args.out, "heatmap", OUTPUTS, resumable=False)
-        folder.claim(overwrite=args.overwrite)
+    folder = claim_folder(args, "heatmap", OUTPUTS)
     data_folder = require_data(args.dataset, args.data_dir, args.download)
 
     import pandas as pd
@@ -227,7 +224,10 @@ def run(args: argparse.Namespace) -> None:
     subsets = _heatmap_subsets(args, model)
     loaded = time.perf_counter()
     epochs = DEFAULT_EPOCHS.get(dataset.name, 1) if args.epochs is None else args.epochs
-    model, trained = pretrain(args, dataset, model_name, model, epochs=epochs)
+    try:
+        model, trained = pretrain(args, dataset, model_name, model, epochs=epochs)
+    except KeyboardInterrupt as err:
+        stopped(err, args, folder, "heatmap")
     inputs, targets = batch_of(dataset, args.batch_size, args.seed)
     pretrained = time.perf_counter()
     result = inverse_fisher_heatmaps(

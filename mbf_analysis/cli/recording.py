@@ -13,7 +13,8 @@ import argparse
 import csv
 import io
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -112,7 +113,7 @@ def resumed_settings(
     saved = dict(record["settings"])
     clash = {k: v for k, v in given.items() if k != "iterations" and v != saved.get(k)}
     if clash:
-        shown = ", ".join(f"{k}={v!r} (saved {saved.get(k)!r})" for k, v in clash.items())
+        shown = ", ".join(f"{k}={v!r} ({_saved_text(saved.get(k))})" for k, v in clash.items())
         raise UsageError(
             f"--resume continues the run in {folder.path} with its saved settings, but {shown}; "
             "drop those options or start a new run with another --out"
@@ -120,6 +121,11 @@ def resumed_settings(
     if given.get("iterations") is not None:
         saved["iterations"] = given["iterations"]
     return saved
+
+
+def _saved_text(value: Any) -> str:
+    """How a clash message shows a saved setting: ``None`` was an option left to its default."""
+    return "not set in the saved run: its default" if value is None else f"saved {value!r}"
 
 
 class Resumable(Protocol):
@@ -161,7 +167,20 @@ def recorded_rows(path: Path, columns: Sequence[str], before: int) -> pd.DataFra
 class Recorder:
     """Appends each record's rows to the CSV and saves the state every ``checkpoint_every``
     iterations, or (``None``) after any record that ends ``SAVE_INTERVAL_S`` after the last
-    save."""
+    save; :meth:`finish` ends a session of the run.
+
+    A write the operating system refuses (disk full, quota, permissions) stops the run with a
+    :class:`~mbf_analysis.errors.StorageError` of one line: the file, the OS error, the state
+    that is kept (the last one saved) and the ``--resume`` command that continues from it.
+
+    Args:
+        csv_path: The CSV (first column ``iteration``).
+        state_path: The state file, in the run's folder.
+        run: The analysis.
+        columns: The CSV's columns.
+        checkpoint_every: Iterations between saves, or ``None`` for by time.
+        command: The subcommand, for the ``--resume`` command it prints.
+    """
 
     SAVE_INTERVAL_S = 60.0
 
@@ -172,20 +191,57 @@ class Recorder:
         run: Resumable,
         columns: Sequence[str],
         checkpoint_every: int | None,
+        command: str,
     ) -> None:
         self.csv = csv_path
         self.state = state_path
         self.run = run
         self.columns = list(columns)
         self.every = checkpoint_every
+        self.command = command
         self.saved_at = time.perf_counter()
+        self.saved_iteration: int | None = None
+
+    @property
+    def resume_command(self) -> str:
+        return f"mbf-analyze {self.command} --resume --out {self.state.parent}"
+
+    def _kept_state(self) -> str:
+        if self.saved_iteration is None:
+            return "no state was saved yet"
+        return f"the last good state ({self.state.name}, iteration {self.saved_iteration}) is kept"
+
+    def _kept(self) -> str:
+        if self.saved_iteration is None:
+            return self._kept_state()
+        return (
+            f"{self._kept_state()} and `{self.resume_command}` continues from it once the file "
+            "can be written"
+        )
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        from mbf_analysis.errors import StorageError
+
+        try:
+            yield
+        except StorageError as err:
+            raise err.with_context(self._kept()) from err
 
     def start(self, rows: pd.DataFrame) -> None:
-        """Write the CSV anew with ``rows`` (those kept from before a resume)."""
-        rows.to_csv(self.csv, index=False, columns=self.columns)
+        """Write the CSV anew with ``rows`` (those kept from before a resume); a state already
+        in the folder (a resume's) is the last good one."""
+        from mbf_analysis.files import storage_errors
+
+        if self.state.is_file():
+            self.saved_iteration = self.run.iteration
+        with self._writing(), storage_errors(self.csv):
+            rows.to_csv(self.csv, index=False, columns=self.columns)
 
     def __call__(self, rows: pd.DataFrame) -> None:
-        with self.csv.open("a") as fh:
+        from mbf_analysis.files import storage_errors
+
+        with self._writing(), storage_errors(self.csv), self.csv.open("a") as fh:
             rows.to_csv(fh, index=False, header=False, columns=self.columns)
             fh.flush()
         if self.every is None:
@@ -196,7 +252,35 @@ class Recorder:
             self.save()
 
     def save(self) -> None:
-        from mbf_analysis.checkpoints import atomic_save
+        """Save the state atomically (the previous one stays if the write fails)."""
+        from mbf_analysis.files import atomic_save
 
-        atomic_save(self.run.state_dict(), self.state)
+        with self._writing():
+            atomic_save(self.run.state_dict(), self.state)
         self.saved_at = time.perf_counter()
+        self.saved_iteration = self.run.iteration
+
+    def finish(self, status: str, whole: bool, write_record: Callable[[], None]) -> None:
+        """End this session: save the state if it is whole (``status`` ``"complete"``, or
+        ``"interrupted"`` by a clean stop, ``whole``), write ``run.json`` (``write_record``)
+        and, after an interruption, say where the run stopped and how to continue.
+
+        A failed run (``"failed"``, ``"diverged"``) keeps its last saved state; a second write
+        error while its own error propagates is not raised over it.
+        """
+        from mbf_analysis.errors import StorageError
+
+        if status == "complete" or (status == "interrupted" and whole):
+            self.save()
+        try:
+            with self._writing():
+                write_record()
+        except StorageError:
+            if status in ("complete", "interrupted"):
+                raise
+        if status == "interrupted":
+            if whole:
+                where = f"stopped at iteration {self.saved_iteration} (state saved)"
+            else:
+                where = f"aborted; {self._kept_state()}"
+            print(f"\n{where}; continue with: {self.resume_command}")

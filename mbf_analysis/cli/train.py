@@ -18,6 +18,7 @@ the step in progress, prints the resume command and exits with 130.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from typing import Any
 
@@ -46,6 +47,8 @@ from mbf_analysis.cli.common import (
     require_data,
 )
 from mbf_analysis.cli.run_folder import RunFolder
+from mbf_analysis.errors import StorageError
+from mbf_analysis.stopping import StopRequested, exit_code
 
 LOG_NAME = "train_log.csv"
 SUMMARY_NAME = "train_summary.csv"
@@ -288,7 +291,8 @@ def _resumed_settings(record: dict[str, Any], args: argparse.Namespace) -> dict[
     clash = {k: v for k, v in given.items() if saved.get(k) != v}
     if clash:
         shown = ", ".join(
-            f"--{k.replace('_', '-')} {v!r} (saved {saved.get(k)!r})" for k, v in clash.items()
+            f"--{k.replace('_', '-')} {v!r} ({_saved_text(saved, record, k)})"
+            for k, v in clash.items()
         )
         raise UsageError(
             f"--resume continues the runs in {args.out} with their saved settings, but {shown} "
@@ -299,6 +303,39 @@ def _resumed_settings(record: dict[str, Any], args: argparse.Namespace) -> dict[
         if getattr(args, key) is not None:
             saved[key] = getattr(args, key)
     return saved
+
+
+def _saved_text(saved: dict[str, Any], record: dict[str, Any], key: str) -> str:
+    """How a clash message shows the saved ``key``: its value, or, when it was not set, what
+    the presets gave each optimizer (the record's ``effective``)."""
+    if saved.get(key) is not None:
+        return f"saved {saved[key]!r}"
+    effective = record.get("effective", {})
+    values = {opt: values.get(key) for opt, values in effective.items() if key in values}
+    if not values:
+        return "not set in the saved run"
+    shown = ", ".join(f"{opt} {value!r}" for opt, value in values.items())
+    return f"not set: the preset's value, {shown}"
+
+
+def _effective(
+    settings: dict[str, Any], presets: dict[str, Any], problem: Any
+) -> dict[str, dict[str, Any]]:
+    """What each optimizer of the run uses, preset values included (``run.json``'s
+    ``effective``; a grid's points replace ``lr`` and ``damping``)."""
+    batch = settings.get("batch_size") or problem.batch_size
+    return {
+        name: {
+            "lr": preset.lr,
+            "damping": preset.damping,
+            "weight_decay": preset.weight_decay,
+            "stat_period": preset.stat_period,
+            "inverse_period": preset.inverse_period,
+            "batch_size": batch,
+            "source": preset.source,
+        }
+        for name, preset in presets.items()
+    }
 
 
 def _check(settings: dict[str, Any]) -> None:
@@ -370,14 +407,17 @@ def run(args: argparse.Namespace) -> None:
     apply_threads(args.threads)
     device = parse_device(settings["device"])
     problem = get_problem(settings["problem"])
-    for optimizer in settings["optimizer"]:
-        get_preset(
+    presets = {
+        optimizer: get_preset(
             problem,
             optimizer,
             lr=settings.get("lr"),
+            damping=None if optimizer == "sgdm" else settings.get("damping"),
             weight_decay=settings.get("weight_decay"),
             presets=settings["presets"],
         )
+        for optimizer in settings["optimizer"]
+    }
     start = time.perf_counter()
     dataset = load_dataset(problem.dataset, data_folder)
     loaded = time.perf_counter()
@@ -410,6 +450,7 @@ def run(args: argparse.Namespace) -> None:
                 {
                     "status": status,
                     "settings": settings,
+                    "effective": _effective(settings, presets, problem),
                     "data_folder": data_folder,
                     "options": {
                         "threads": args.threads,
@@ -431,19 +472,38 @@ def run(args: argparse.Namespace) -> None:
             summary = _compare(
                 problem, settings, common, folder, compare, summarize, timings, loaded
             )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         timings["train"] = time.perf_counter() - loaded
         write("interrupted")
+        how = (
+            "stopped after the step in progress, checkpointed"
+            if isinstance(err, StopRequested)
+            else "aborted; the last checkpoint is kept"
+        )
         where = (
             ""
             if folder is None
             else f"; continue with: mbf-analyze train --resume --out {folder.path}"
         )
-        print(f"\ninterrupted{where}")
-        raise SystemExit(130) from None
+        print(f"\n{how}{where}")
+        raise SystemExit(exit_code(err)) from None
+    except StorageError as err:
+        timings["train"] = time.perf_counter() - loaded
+        with contextlib.suppress(StorageError):
+            write("failed")
+        raise err.with_context(
+            "the last good checkpoint is kept"
+            + (
+                ""
+                if folder is None
+                else f"; `mbf-analyze train --resume --out {folder.path}` "
+                "continues from it once the file can be written"
+            )
+        ) from err
     except BaseException:
         timings["train"] = time.perf_counter() - loaded
-        write("failed")
+        with contextlib.suppress(StorageError):
+            write("failed")
         raise
     if summary is not None and (summary.status == "diverged").all():
         write("diverged")

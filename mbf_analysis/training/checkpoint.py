@@ -17,7 +17,7 @@ tensors and plain values, read back with ``weights_only=True``), holding
 - ``status``: ``None`` while the run goes on; the reason it ended (``"epochs"``,
   ``"max_steps"``, ``"time_budget"``, ``"diverged"``) for the checkpoint taken at its end.
 
-Writes are atomic (:func:`~mbf_analysis.checkpoints.atomic_save`) and the previous checkpoint is
+Writes are atomic (:func:`~mbf_analysis.files.atomic_save`) and the previous checkpoint is
 kept as ``<R>.prev.pt`` until the next one is complete, so a crash while writing, or a file
 damaged afterwards, falls back to the last good one (with a warning; the damaged file is kept as
 ``<R>.corrupt.pt`` and the good one becomes the latest again); a finished run keeps its final
@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from mbf_analysis.checkpoints import atomic_save
 from mbf_analysis.errors import MBFError
+from mbf_analysis.files import atomic_save
 
 __all__ = [
     "FORMAT",

@@ -11,13 +11,14 @@ checkpoint (:func:`keep_rows`), so that every step appears exactly once. See
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
+import io
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
 import pandas as pd
+
+from mbf_analysis.files import atomic_write, storage_errors
 
 __all__ = ["LOG_COLUMNS", "CsvLog", "keep_rows", "read_log"]
 
@@ -105,17 +106,11 @@ def keep_rows(path: str | Path, run: str, keep: int) -> int:
             f"{path} holds {seen} rows of run {run!r}, but its checkpoint was taken after "
             f"{keep}; the log does not belong to this checkpoint"
         )
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(header)
-            writer.writerows(kept)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows(kept)
+    atomic_write(path, lambda fh: fh.write(text.getvalue().encode()))
     return seen - keep
 
 
@@ -136,16 +131,22 @@ class CsvLog:
         if not fresh:
             with self.path.open(newline="") as fh:
                 _check_header(self.path, next(csv.reader(fh), []))
-        self._file: TextIO = self.path.open("a", newline="")
-        self._writer = csv.DictWriter(self._file, fieldnames=LOG_COLUMNS)
-        if fresh:
-            self._writer.writeheader()
-            self._file.flush()
+        with storage_errors(self.path):
+            self._file: TextIO = self.path.open("a", newline="")
+            self._writer = csv.DictWriter(self._file, fieldnames=LOG_COLUMNS)
+            if fresh:
+                self._writer.writeheader()
+                self._file.flush()
 
     def write(self, row: Mapping[str, Any]) -> None:
-        """Append one row (missing columns stay empty) and flush."""
-        self._writer.writerow({k: row.get(k) for k in LOG_COLUMNS})
-        self._file.flush()
+        """Append one row (missing columns stay empty) and flush.
+
+        Raises:
+            StorageError: If the operating system refused the write.
+        """
+        with storage_errors(self.path):
+            self._writer.writerow({k: row.get(k) for k in LOG_COLUMNS})
+            self._file.flush()
 
     def close(self) -> None:
         """Close the file."""

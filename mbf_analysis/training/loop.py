@@ -53,8 +53,10 @@ the run saves everything it needs to continue identically (model, optimizer stat
 the data order, every generator, the clocks, the log position) after the warm start, every
 ``checkpoint_every`` steps or (by default) after the first step that ends
 ``checkpoint_interval`` seconds after the last save, when Ctrl-C stops it, and at its end. A
-SIGKILL therefore loses at most the steps since the last checkpoint. Ctrl-C (SIGINT) stops the
-run after the step in progress (a second Ctrl-C stops at once, without saving). With
+SIGKILL therefore loses at most the steps since the last checkpoint. Ctrl-C (SIGINT) or SIGTERM
+stops the run after the step in progress, checkpointed, with
+:class:`~mbf_analysis.stopping.StopRequested` (a second signal stops at once, without saving;
+:mod:`mbf_analysis.stopping`). With
 ``resume=True`` a run continues from its last good checkpoint: its rows of the CSV after the
 checkpoint are dropped, so every step appears exactly once, and its time budget counts the time
 already spent; a finished run is returned as it is, unless the limits now reach further (a
@@ -72,11 +74,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -91,6 +90,7 @@ from mbf_analysis.data import Dataset, load_dataset
 from mbf_analysis.errors import NonFiniteError
 from mbf_analysis.models import build_model
 from mbf_analysis.optim import KFAC, MBF, MethodOptimizer, Shampoo
+from mbf_analysis.stopping import StopRequests, stop_requests
 from mbf_analysis.training.checkpoint import drop_previous, load_checkpoint, save_checkpoint
 from mbf_analysis.training.log import LOG_COLUMNS, CsvLog, keep_rows, read_log
 from mbf_analysis.training.presets import (
@@ -292,34 +292,6 @@ class _Clock:
         )
 
 
-class _Interrupt:
-    """SIGINT handling during a run: the first Ctrl-C asks the run to stop after the step in
-    progress (so the checkpoint is consistent); a second one raises at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        logger.warning(
-            "interrupt received: stopping after the current step and saving a checkpoint "
-            "(Ctrl-C again to stop at once, losing the steps since the last checkpoint)"
-        )
-
-    @contextmanager
-    def installed(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = signal.signal(signal.SIGINT, self._handler)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
-
-
 def _rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
     state: dict[str, Any] = {name: g.get_state() for name, g in generators.items()}
     state["torch"] = torch.get_rng_state()
@@ -383,7 +355,7 @@ class _Run:
         self.durations: dict[int, float] = {}
         self.last_duration = 0.0
         self.saved_at = time.perf_counter()
-        self.interrupt = _Interrupt()
+        self.stop = StopRequests()
         self.settings = {
             "problem": problem.name,
             "optimizer": optimizer,
@@ -610,11 +582,11 @@ class _Run:
                 bar.update()
                 if self.step % 10 == 1:
                     bar.set_postfix(loss=f"{self.rows[-1]['loss']:.4g}")
-                if self.interrupt.requested:
+                if self.stop.requested:
                     self.clock.pause()
                     self.checkpoint(None)
                     self.record({"kind": "end", **self.position(), "status": "interrupted"})
-                    raise KeyboardInterrupt
+                    self.stop.check()
                 if self.checkpoint_due():
                     self.checkpoint(None)
             self.epoch += 1
@@ -711,7 +683,8 @@ def train(
         DataError: The problem's data files are missing (see :mod:`mbf_analysis.data`).
         CheckpointError: No readable checkpoint, or one saved with other settings.
         TrainingDiverged: NaN/Inf loss or gradient (the log so far is in ``.log`` and the CSV).
-        KeyboardInterrupt: After Ctrl-C, once the checkpoint is saved.
+        StopRequested: After Ctrl-C or SIGTERM, once the checkpoint is saved (a
+            ``KeyboardInterrupt``; :mod:`mbf_analysis.stopping`).
     """
     problem = get_problem(problem)
     if batch_size is not None:
@@ -807,7 +780,7 @@ def _execute(run: _Run, *, fresh: bool, progress: bool) -> pd.DataFrame:
         disable=not progress,
     )
     try:
-        with run.interrupt.installed():
+        with stop_requests() as run.stop:
             if fresh:
                 run.evaluate()
                 run.clock.pause()
