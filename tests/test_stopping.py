@@ -378,3 +378,55 @@ def test_a_resume_clash_with_an_unset_preset_value_names_the_preset_value(tmp_pa
     err = capsys.readouterr().err
     assert f"--lr 0.5 (not set: the preset's value, adam {lr!r})" in err
     assert "None" not in err
+
+
+# ----------------------------------------------------------------------------- costs up front
+def test_a_long_analysis_prints_its_estimate_once_and_a_short_one_does_not(
+    tmp_path, monkeypatch, capsys
+):
+    from mbf_analysis.cli.recording import Recorder
+
+    short = [*COSINE[:-1], "4", *QUIET]
+    assert main([*short, "--out", str(tmp_path / "short")]) == 0
+    assert "estimate:" not in capsys.readouterr().out
+    monkeypatch.setattr(Recorder, "ESTIMATE_OVER_S", 0.0)
+    assert main([*short, "--out", str(tmp_path / "long")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("estimate: about") == 1
+    assert "for the 2 remaining iterations" in out  # at the second record (iteration 2 of 4)
+    assert f"mbf-analyze cosine --resume --out {tmp_path / 'long'}` continues" in out
+
+
+def test_train_announces_the_sum_of_its_time_budgets(tmp_path, monkeypatch, capsys):
+    from mbf_analysis.cli.recording import Recorder
+
+    monkeypatch.setattr(Recorder, "ESTIMATE_OVER_S", 1.0)
+    argv = ["train", "--problem", "mlp-digits", "--optimizer", "sgdm,adam", "--seed", "0,1"]
+    assert main([*argv, "--time-budget", "0.5", *QUIET]) == 0
+    assert "estimate: at least 2 s (4 runs × 0.5 s of training on the" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["cosine", "--layers", "nope"],
+        ["error", "--layers", "nope"],
+        ["error", "--problem", "mnist-ae", "--layers", "nope"],
+        ["fisher", "--layers", "nope"],
+        ["heatmap", "--layers", "nope"],
+    ],
+    ids=["cosine", "error", "error-problem", "fisher", "heatmap"],
+)
+def test_a_wrong_layer_name_is_reported_before_the_data_is_loaded(
+    argv, tmp_path, monkeypatch, capsys
+):
+    from mbf_analysis import data
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the data was loaded before the layer names were checked")
+
+    monkeypatch.setattr(data, "load_dataset", no_loading)
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    assert main([*argv, "--data-dir", str(shared), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "--layers: nope not in the model" in err and err.count("\n") == 1

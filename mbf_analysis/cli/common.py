@@ -10,6 +10,7 @@ need torch import it when they run.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -229,24 +230,30 @@ def parse_device(name: str) -> torch.device:
     return device
 
 
-def dataset_and_model(args: argparse.Namespace) -> tuple[Dataset, str, nn.Module]:
+def dataset_and_model(
+    args: argparse.Namespace, check: Callable[[nn.Module], object] | None = None
+) -> tuple[Dataset, str, nn.Module]:
     """The labelled data set and the seeded model (on ``--device``, in ``--dtype``, eval mode)
-    that the options ask for, checked to accept the data's inputs."""
+    that the options ask for, checked to accept the data's inputs. ``check(model)`` (e.g. the
+    layer names) runs on the built model before the data is loaded, so that a mistake is
+    reported before the wait."""
     import torch
 
     from mbf_analysis.data import load_dataset
     from mbf_analysis.models import build_model
 
-    dataset = load_dataset(args.dataset, args.data_dir, download=args.download)
-    if not dataset.has_labels:
-        raise UsageError(f"--dataset {args.dataset} has no labels; pick a classification set")
-    model_name = args.model or DEFAULT_MODEL.get(dataset.name)
+    model_name = args.model or DEFAULT_MODEL.get(args.dataset)
     if model_name is None:
-        raise UsageError(f"no default model for --dataset {dataset.name}; pass --model")
+        raise UsageError(f"no default model for --dataset {args.dataset}; pass --model")
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype)
     target = parse_device(args.device)
     model = build_model(model_name).to(device=target, dtype=dtype).eval()
+    if check is not None:
+        check(model)
+    dataset = load_dataset(args.dataset, args.data_dir, download=args.download)
+    if not dataset.has_labels:
+        raise UsageError(f"--dataset {args.dataset} has no labels; pick a classification set")
     try:
         with torch.no_grad():
             model(dataset.train_x[:1].to(device=target, dtype=dtype))

@@ -335,9 +335,10 @@ def run(args: argparse.Namespace) -> None:
         download=False,
         device=args.device,
     )
-    dataset, model_name, model = dataset_and_model(problem_args)
+    dataset, model_name, model = dataset_and_model(
+        problem_args, check=lambda built: check_layers(built, settings["layers"])
+    )
     settings["model"] = model_name
-    check_layers(model, settings["layers"])
     config = CosineConfig(
         methods=settings["methods"],
         iterations=settings["iterations"],

@@ -246,7 +246,7 @@ def _problem_parts(settings: dict[str, Any], data_folder: str | None, device: st
     import torch
     from torch import nn
 
-    from mbf_analysis.cli.common import dataset_and_model
+    from mbf_analysis.cli.common import check_layers, dataset_and_model
     from mbf_analysis.data import load_dataset
     from mbf_analysis.models import build_model
     from mbf_analysis.training import get_problem
@@ -259,12 +259,15 @@ def _problem_parts(settings: dict[str, Any], data_folder: str | None, device: st
             download=False,
             device=device,
         )
-        dataset, model_name, model = dataset_and_model(args)
+        dataset, model_name, model = dataset_and_model(
+            args, check=lambda built: check_layers(built, settings["layers"])
+        )
         return dataset, model_name, model.train(), nn.CrossEntropyLoss(), dataset.train_y
     problem = get_problem(settings["problem"])
-    dataset = load_dataset(problem.dataset, data_folder)
     torch.manual_seed(settings["seed"])
     model = build_model(problem.model, **problem.model_kwargs).to(device=device, dtype=dtype)
+    check_layers(model, settings["layers"])
+    dataset = load_dataset(problem.dataset, data_folder)
     targets = problem.targets(dataset.train_x, dataset.train_y)
     return dataset, problem.model, model.train(), problem.likelihood_loss(), targets
 
@@ -328,7 +331,7 @@ def run(args: argparse.Namespace) -> None:
         ApproximationConfig,
         ApproximationRun,
     )
-    from mbf_analysis.cli.common import check_layers, parse_device
+    from mbf_analysis.cli.common import parse_device
     from mbf_analysis.errors import NonFiniteError
     from mbf_analysis.plotting import plot_approximation_errors, save_figure
 
@@ -339,7 +342,6 @@ def run(args: argparse.Namespace) -> None:
         settings, data_folder, args.device
     )
     settings["model"] = model_name
-    check_layers(model, settings["layers"])
     config = ApproximationConfig(
         methods=settings["methods"],
         fisher=settings["fisher"],

@@ -64,8 +64,9 @@ def run(args: argparse.Namespace) -> None:
 
     apply_threads(args.threads)
     start = time.perf_counter()
-    dataset, model_name, model = dataset_and_model(args)
-    check_layers(model, args.layers)
+    dataset, model_name, model = dataset_and_model(
+        args, check=lambda built: check_layers(built, args.layers)
+    )
     try:
         model, trained = pretrain(args, dataset, model_name, model, epochs=args.epochs or 0)
     except KeyboardInterrupt as err:

@@ -220,8 +220,11 @@ def run(args: argparse.Namespace) -> None:
 
     apply_threads(args.threads)
     start = time.perf_counter()
-    dataset, model_name, model = dataset_and_model(args)
-    subsets = _heatmap_subsets(args, model)
+    found: dict[str, list[ParameterSubset]] = {}
+    dataset, model_name, model = dataset_and_model(
+        args, check=lambda built: found.update(subsets=_heatmap_subsets(args, built))
+    )
+    subsets = found["subsets"]
     loaded = time.perf_counter()
     epochs = DEFAULT_EPOCHS.get(dataset.name, 1) if args.epochs is None else args.epochs
     try:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Recorder",
     "add_recording_options",
+    "format_duration",
     "iteration_timings",
     "per_iteration_text",
     "recorded_rows",
@@ -62,6 +63,15 @@ def iteration_timings(
     if done:
         out["per_iteration"] = total / done
     return out
+
+
+def format_duration(seconds: float) -> str:
+    """``"42 s"``, ``"7.5 min"`` or ``"2.3 h"``."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def per_iteration_text(timings: Mapping[str, Any]) -> str:
@@ -133,6 +143,7 @@ class Resumable(Protocol):
     ``ApproximationRun``)."""
 
     iteration: int
+    config: Any  # with ``iterations``, the run's total
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -184,6 +195,10 @@ class Recorder:
 
     SAVE_INTERVAL_S = 60.0
 
+    ESTIMATE_OVER_S = 300.0
+    """A run whose remaining iterations are estimated to take longer says so (once, at the
+    second record of a session: the first one includes the start-up)."""
+
     def __init__(
         self,
         csv_path: Path,
@@ -201,6 +216,8 @@ class Recorder:
         self.command = command
         self.saved_at = time.perf_counter()
         self.saved_iteration: int | None = None
+        self._first: tuple[float, int] | None = None
+        self._estimated = False
 
     @property
     def resume_command(self) -> str:
@@ -244,12 +261,36 @@ class Recorder:
         with self._writing(), storage_errors(self.csv), self.csv.open("a") as fh:
             rows.to_csv(fh, index=False, header=False, columns=self.columns)
             fh.flush()
+        self._estimate()
         if self.every is None:
             due = time.perf_counter() - self.saved_at >= self.SAVE_INTERVAL_S
         else:
             due = self.run.iteration % self.every == 0
         if due:
             self.save()
+
+    def _estimate(self) -> None:
+        """Print the estimated time of the remaining iterations once, if it is long
+        (:attr:`ESTIMATE_OVER_S`), from the pace between this session's first two records."""
+        now, iteration = time.perf_counter(), self.run.iteration
+        if self._estimated:
+            return
+        if self._first is None:
+            self._first = (now, iteration)
+            return
+        self._estimated = True
+        done = iteration - self._first[1]
+        if done <= 0:
+            return
+        pace = (now - self._first[0]) / done
+        remaining = max(self.run.config.iterations - iteration, 0)
+        if pace * remaining > self.ESTIMATE_OVER_S:
+            print(
+                f"estimate: about {format_duration(pace * remaining)} for the {remaining} "
+                f"remaining iterations ({pace:.3g} s each so far); Ctrl-C or SIGTERM stops after "
+                f"the iteration in progress and `{self.resume_command}` continues",
+                flush=True,
+            )
 
     def save(self) -> None:
         """Save the state atomically (the previous one stays if the write fails)."""

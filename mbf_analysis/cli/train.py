@@ -46,6 +46,7 @@ from mbf_analysis.cli.common import (
     positive_int,
     require_data,
 )
+from mbf_analysis.cli.recording import Recorder, format_duration
 from mbf_analysis.cli.run_folder import RunFolder
 from mbf_analysis.errors import StorageError
 from mbf_analysis.stopping import StopRequested, exit_code
@@ -338,6 +339,23 @@ def _effective(
     }
 
 
+def _announce_duration(settings: dict[str, Any]) -> None:
+    """Say up front how long a comparison of time-budgeted runs takes, when that is over five
+    minutes (the budgets alone; evaluations, warm starts and data loading come on top)."""
+    budget = settings.get("time_budget")
+    if budget is None or settings["grid"]:
+        return
+    runs = len(settings["optimizer"]) * len(settings["seed"])
+    total = runs * budget
+    if total > Recorder.ESTIMATE_OVER_S:
+        print(
+            f"estimate: at least {format_duration(total)} ({runs} runs × {budget:g} s of "
+            f"training on the {settings['budget_clock']} clock, plus evaluations); Ctrl-C or "
+            "SIGTERM stops after the step in progress and --resume continues",
+            flush=True,
+        )
+
+
 def _check(settings: dict[str, Any]) -> None:
     if settings.get("problem") is None:
         raise UsageError("give --problem (or --resume --out DIR to continue a run)")
@@ -464,6 +482,7 @@ def run(args: argparse.Namespace) -> None:
             )
 
     write("running")
+    _announce_duration(settings)
     summary = None
     try:
         if settings["grid"]:
