@@ -292,6 +292,45 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path, whole):
     pd.testing.assert_frame_equal(pd.read_csv(out / "cosine.csv"), whole["cosine"])
 
 
+# ----------------------------------------------------------------------------- damaged states
+@pytest.mark.parametrize("argv", [COSINE, ERROR], ids=["cosine", "error"])
+def test_a_damaged_state_falls_back_to_the_previous_one_and_resume_gives_the_whole_run(
+    argv, tmp_path, whole, caplog
+):
+    command = argv[0]
+    out = tmp_path / "run"
+    csv_name, state_name = STATE[command]
+    process = _start([*argv, *QUIET, "--out", str(out), "--checkpoint-every", "1"])
+    _wait_for(process, lambda: _iterations_in(out / csv_name) >= 4, "four iterations")
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    latest, previous = out / state_name, out / state_name.replace(".pt", ".prev.pt")
+    kept = torch.load(previous, weights_only=True)["iteration"]
+    assert torch.load(latest, weights_only=True)["iteration"] == kept + 1
+    latest.write_bytes(latest.read_bytes()[:100])  # truncated, as by a full disk
+    assert main([command, "--resume", "--out", str(out), *QUIET]) == 0
+    assert "not a readable state" in caplog.text and str(previous) in caplog.text
+    assert (out / state_name.replace(".pt", ".corrupt.pt")).stat().st_size == 100
+    assert not previous.exists()  # a complete run keeps its final state only
+    pd.testing.assert_frame_equal(pd.read_csv(out / csv_name), whole[command])
+
+
+@pytest.mark.parametrize("argv", [COSINE, ERROR], ids=["cosine", "error"])
+def test_a_run_without_a_usable_state_is_refused_in_one_line(argv, tmp_path, capsys):
+    command = argv[0]
+    out = tmp_path / "run"
+    csv_name, state_name = STATE[command]
+    assert main([*argv[:-1], "2", *QUIET, "--out", str(out)]) == 0
+    (out / state_name).write_bytes(b"\x00" * 10)
+    rows = (out / csv_name).read_text()
+    capsys.readouterr()
+    assert main([command, "--resume", "--out", str(out), *QUIET]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mbf-analyze: error: no usable state in {out}: {out / state_name}")
+    assert err.count("\n") == 1 and "Delete" in err
+    assert (out / csv_name).read_text() == rows  # nothing computed is lost
+
+
 # ----------------------------------------------------------------------------- failed writes
 def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_state(
     tmp_path, monkeypatch, capsys

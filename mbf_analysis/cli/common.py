@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from mbf_analysis.cli.choices import (
     COARSE_SPACES,
@@ -40,6 +40,27 @@ DEFAULT_MODEL = {
 
 class UsageError(Exception):
     """A command-line value that cannot work; reported in one line with exit code 2."""
+
+
+def stop_line(err: KeyboardInterrupt, what: str) -> str:
+    """The one line that ends a stopped run: ``mbf-analyze: interrupted: WHAT`` after Ctrl-C,
+    ``mbf-analyze: terminated: WHAT`` after SIGTERM; WHAT says where it stopped and how to
+    continue."""
+    import signal
+
+    from mbf_analysis.stopping import exit_code
+
+    word = "terminated" if exit_code(err) == 128 + signal.SIGTERM else "interrupted"
+    return f"\nmbf-analyze: {word}: {what}"
+
+
+def exit_stopped(err: KeyboardInterrupt, what: str) -> NoReturn:
+    """Print :func:`stop_line` and exit ``128 + signal`` (130 after Ctrl-C, 143 after
+    SIGTERM)."""
+    from mbf_analysis.stopping import exit_code
+
+    print(stop_line(err, what))
+    raise SystemExit(exit_code(err)) from None
 
 
 def csv_list(text: str) -> list[str]:

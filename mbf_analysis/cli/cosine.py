@@ -44,9 +44,11 @@ from mbf_analysis.cli.recording import (
     Recorder,
     add_recording_options,
     iteration_timings,
+    load_state,
     per_iteration_text,
     recorded_rows,
     resumed_settings,
+    state_outputs,
 )
 from mbf_analysis.cli.run_folder import RunFolder
 from mbf_analysis.stopping import StopRequested, exit_code
@@ -61,7 +63,7 @@ FIGURE_NAME = "cosine"
 ENERGY_FIGURE_NAME = "energy_error"
 OUTPUTS = (
     CSV_NAME,
-    STATE_NAME,
+    *state_outputs(STATE_NAME),
     *(f"{name}.{ext}" for name in (FIGURE_NAME, ENERGY_FIGURE_NAME) for ext in ("png", "pdf")),
 )
 """Every file ``cosine`` writes into ``--out`` (besides ``run.json``)."""
@@ -319,7 +321,6 @@ def run(args: argparse.Namespace) -> None:
     data_folder = None if data_folder is None else str(data_folder)
 
     import pandas as pd
-    import torch
     from torch import nn
 
     from mbf_analysis.analysis import CosineConfig, CosineDivergedError, CosineRun
@@ -358,8 +359,7 @@ def run(args: argparse.Namespace) -> None:
     )
     folder.add_files(CSV_NAME, STATE_NAME)
     if record is not None:
-        state = torch.load(out / STATE_NAME, map_location=device, weights_only=True)
-        analysis.load_state_dict(state)
+        load_state(out / STATE_NAME, analysis, device)
         previous = recorded_rows(out / CSV_NAME, columns, analysis.iteration)
         print(f"resuming {out} at iteration {analysis.iteration} of {config.iterations}")
     else:
@@ -377,7 +377,7 @@ def run(args: argparse.Namespace) -> None:
         f"{remaining} iterations of batch {config.batch_size}, lr {config.lr:g}, "
         f"damping {config.damping:g}, methods {','.join(config.methods)} → {out}"
     )
-    status, whole = "complete", True
+    status, whole, stop = "complete", True, None
     try:
         analysis.run(remaining, on_record=recorder, progress=args.progress)
     except CosineDivergedError as err:
@@ -388,7 +388,7 @@ def run(args: argparse.Namespace) -> None:
         ) from err
     except KeyboardInterrupt as err:
         status = "interrupted"
-        whole = isinstance(err, StopRequested)
+        whole, stop = isinstance(err, StopRequested), err
         raise SystemExit(exit_code(err)) from None
     except BaseException:
         status = "failed"
@@ -399,7 +399,10 @@ def run(args: argparse.Namespace) -> None:
         ran = analysis.iteration - first_iteration
         timings.update(iteration_timings(previous, done - loaded, ran))
         recorder.finish(
-            status, whole, lambda: _record(folder, settings, args, status, timings, data_folder)
+            status,
+            whole,
+            lambda: _record(folder, settings, args, status, timings, data_folder),
+            stop,
         )
     frame = pd.read_csv(out / CSV_NAME)
     collapsed = collapse_iteration(frame)

@@ -54,9 +54,11 @@ from mbf_analysis.cli.recording import (
     Recorder,
     add_recording_options,
     iteration_timings,
+    load_state,
     per_iteration_text,
     recorded_rows,
     resumed_settings,
+    state_outputs,
 )
 from mbf_analysis.cli.run_folder import RunFolder
 from mbf_analysis.stopping import StopRequested, exit_code
@@ -64,7 +66,7 @@ from mbf_analysis.stopping import StopRequested, exit_code
 CSV_NAME = "error.csv"
 STATE_NAME = "error_state.pt"
 FIGURE_NAME = "error"
-OUTPUTS = (CSV_NAME, STATE_NAME, f"{FIGURE_NAME}.png", f"{FIGURE_NAME}.pdf")
+OUTPUTS = (CSV_NAME, *state_outputs(STATE_NAME), f"{FIGURE_NAME}.png", f"{FIGURE_NAME}.pdf")
 
 APPROXIMATED = (
     "kfac",
@@ -366,9 +368,7 @@ def run(args: argparse.Namespace) -> None:
     )
     folder.add_files(CSV_NAME, STATE_NAME)
     if record is not None:
-        analysis.load_state_dict(
-            torch.load(out / STATE_NAME, map_location=device, weights_only=True)
-        )
+        load_state(out / STATE_NAME, analysis, device)
         previous = recorded_rows(out / CSV_NAME, TRAJECTORY_COLUMNS, analysis.iteration)
         print(f"resuming {out} at iteration {analysis.iteration} of {config.iterations}")
     else:
@@ -387,7 +387,7 @@ def run(args: argparse.Namespace) -> None:
         f"{remaining} iterations of batch {config.batch_size}, every {config.every}, "
         f"{config.fisher} Fisher, methods {','.join(config.methods)} → {out}"
     )
-    status, whole = "complete", True
+    status, whole, stop = "complete", True, None
     try:
         analysis.run(remaining, on_record=recorder, progress=args.progress)
     except NonFiniteError as err:
@@ -398,7 +398,7 @@ def run(args: argparse.Namespace) -> None:
         ) from err
     except KeyboardInterrupt as err:
         status = "interrupted"
-        whole = isinstance(err, StopRequested)
+        whole, stop = isinstance(err, StopRequested), err
         raise SystemExit(exit_code(err)) from None
     except BaseException:
         status = "failed"
@@ -409,7 +409,10 @@ def run(args: argparse.Namespace) -> None:
         ran = analysis.iteration - first_iteration
         timings.update(iteration_timings(previous, done - loaded, ran))
         recorder.finish(
-            status, whole, lambda: _record(folder, settings, args, status, timings, data_folder)
+            status,
+            whole,
+            lambda: _record(folder, settings, args, status, timings, data_folder),
+            stop,
         )
     frame = pd.read_csv(out / CSV_NAME)
     shown = {"error": "‖F − F̂‖/‖F‖", "scaled": "min_α ‖F − αF̂‖/‖F‖"}[args.metric]

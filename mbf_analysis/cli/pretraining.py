@@ -125,7 +125,8 @@ def stopped(
 ) -> NoReturn:
     """End a run whose pretraining was stopped (module docstring): record it, say how to
     continue, and exit ``128 + signal``."""
-    from mbf_analysis.stopping import StopRequested, exit_code
+    from mbf_analysis.cli.common import exit_stopped
+    from mbf_analysis.stopping import StopRequested
 
     if folder is not None:
         folder.write_record(
@@ -135,5 +136,4 @@ def stopped(
     else:
         how = "the same command again"
     what = "stopped after the step in progress" if isinstance(err, StopRequested) else "aborted"
-    print(f"\npretraining {what}, kept in the checkpoint cache; continue with: {how}")
-    raise SystemExit(exit_code(err)) from None
+    exit_stopped(err, f"pretraining {what}, kept in the checkpoint cache; continue with: {how}")

@@ -115,7 +115,11 @@ def resumed_settings(
     Raises:
         UsageError: Without a saved state, or for a given setting that differs (each is named).
     """
-    if not (folder.path / state_name).is_file() or not isinstance(record.get("settings"), dict):
+    from mbf_analysis.state_file import StateFile
+
+    if not StateFile(folder.path / state_name).exists() or not isinstance(
+        record.get("settings"), dict
+    ):
         raise UsageError(
             f"--resume: no saved state in {folder.path} ({state_name} missing); start it "
             "without --resume (and --overwrite)"
@@ -138,6 +142,27 @@ def _saved_text(value: Any) -> str:
     return "not set in the saved run: its default" if value is None else f"saved {value!r}"
 
 
+def state_outputs(state_name: str) -> tuple[str, str, str]:
+    """The files of a run's :class:`~mbf_analysis.state_file.StateFile` ``state_name``: the
+    latest, the previous and a damaged one set aside."""
+    from mbf_analysis.state_file import StateFile
+
+    state = StateFile(Path(state_name))
+    return state_name, state.previous.name, state.damaged.name
+
+
+def load_state(path: Path, run: Resumable, device: Any) -> None:
+    """Restore ``run`` from its last good state at ``path``; a damaged latest state falls back
+    to the previous one with a warning (:meth:`~mbf_analysis.state_file.StateFile.load`).
+
+    Raises:
+        StateFileError: When no state file is usable (one line naming each).
+    """
+    from mbf_analysis.state_file import StateFile
+
+    StateFile(path).load(map_location=device, accept=run.load_state_dict)
+
+
 class Resumable(Protocol):
     """An analysis run with an iteration counter and a state (``CosineRun``,
     ``ApproximationRun``)."""
@@ -146,6 +171,8 @@ class Resumable(Protocol):
     config: Any  # with ``iterations``, the run's total
 
     def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None: ...
 
 
 def recorded_rows(path: Path, columns: Sequence[str], before: int) -> pd.DataFrame:
@@ -293,35 +320,47 @@ class Recorder:
             )
 
     def save(self) -> None:
-        """Save the state atomically (the previous one stays if the write fails)."""
-        from mbf_analysis.files import atomic_save
+        """Save the state atomically, keeping the one before it
+        (:class:`~mbf_analysis.state_file.StateFile`; both stay if the write fails)."""
+        from mbf_analysis.state_file import StateFile
 
         with self._writing():
-            atomic_save(self.run.state_dict(), self.state)
+            StateFile(self.state).save(self.run.state_dict())
         self.saved_at = time.perf_counter()
         self.saved_iteration = self.run.iteration
 
-    def finish(self, status: str, whole: bool, write_record: Callable[[], None]) -> None:
+    def finish(
+        self,
+        status: str,
+        whole: bool,
+        write_record: Callable[[], None],
+        stop: KeyboardInterrupt | None = None,
+    ) -> None:
         """End this session: save the state if it is whole (``status`` ``"complete"``, or
         ``"interrupted"`` by a clean stop, ``whole``), write ``run.json`` (``write_record``)
-        and, after an interruption, say where the run stopped and how to continue.
+        and, after an interruption (``stop``, the Ctrl-C or SIGTERM), say in one line where the
+        run stopped and how to continue.
 
         A failed run (``"failed"``, ``"diverged"``) keeps its last saved state; a second write
         error while its own error propagates is not raised over it.
         """
+        from mbf_analysis.cli.common import stop_line
         from mbf_analysis.errors import StorageError
+        from mbf_analysis.state_file import StateFile
 
         if status == "complete" or (status == "interrupted" and whole):
             self.save()
+        if status == "complete":
+            StateFile(self.state).drop_previous()
         try:
             with self._writing():
                 write_record()
         except StorageError:
             if status in ("complete", "interrupted"):
                 raise
-        if status == "interrupted":
+        if stop is not None:
             if whole:
                 where = f"stopped at iteration {self.saved_iteration} (state saved)"
             else:
                 where = f"aborted; {self._kept_state()}"
-            print(f"\n{where}; continue with: {self.resume_command}")
+            print(stop_line(stop, f"{where}; continue with: {self.resume_command}"))

@@ -40,6 +40,7 @@ from mbf_analysis.cli.common import (
     coarse_list,
     config_of,
     csv_list,
+    exit_stopped,
     expand_coarse,
     non_negative_float,
     positive_float,
@@ -49,7 +50,7 @@ from mbf_analysis.cli.common import (
 from mbf_analysis.cli.recording import Recorder, format_duration
 from mbf_analysis.cli.run_folder import RunFolder
 from mbf_analysis.errors import StorageError
-from mbf_analysis.stopping import StopRequested, exit_code
+from mbf_analysis.stopping import StopRequested
 
 LOG_NAME = "train_log.csv"
 SUMMARY_NAME = "train_summary.csv"
@@ -504,8 +505,7 @@ def run(args: argparse.Namespace) -> None:
             if folder is None
             else f"; continue with: mbf-analyze train --resume --out {folder.path}"
         )
-        print(f"\n{how}{where}")
-        raise SystemExit(exit_code(err)) from None
+        exit_stopped(err, f"{how}{where}")
     except StorageError as err:
         timings["train"] = time.perf_counter() - loaded
         with contextlib.suppress(StorageError):

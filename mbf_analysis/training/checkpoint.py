@@ -17,37 +17,33 @@ tensors and plain values, read back with ``weights_only=True``), holding
 - ``status``: ``None`` while the run goes on; the reason it ended (``"epochs"``,
   ``"max_steps"``, ``"time_budget"``, ``"diverged"``) for the checkpoint taken at its end.
 
-Writes are atomic (:func:`~mbf_analysis.files.atomic_save`) and the previous checkpoint is
-kept as ``<R>.prev.pt`` until the next one is complete, so a crash while writing, or a file
-damaged afterwards, falls back to the last good one (with a warning; the damaged file is kept as
-``<R>.corrupt.pt`` and the good one becomes the latest again); a finished run keeps its final
-checkpoint only. A file that cannot be
-read, or is not a checkpoint of this format, is refused with a message that names it.
+The files are a :class:`~mbf_analysis.state_file.StateFile`: writes are atomic and the previous
+checkpoint is kept as ``<R>.prev.pt`` until the next one is complete, so a crash while writing,
+or a file damaged afterwards, falls back to the last good one (with a warning; the damaged file
+is kept as ``<R>.corrupt.pt`` and the good one becomes the latest again); a finished run keeps
+its final checkpoint only. A file that cannot be read, or is not a checkpoint of this format, is
+refused with a message that names it.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from mbf_analysis.errors import MBFError
-from mbf_analysis.files import atomic_save
+from mbf_analysis.state_file import StateFile, StateFileError
 
 __all__ = [
     "FORMAT",
     "TRAJECTORY_SETTINGS",
     "CheckpointError",
+    "checkpoint_file",
     "checkpoint_files",
     "drop_previous",
     "load_checkpoint",
     "save_checkpoint",
 ]
-
-logger = logging.getLogger(__name__)
 
 FORMAT = 1
 
@@ -71,10 +67,15 @@ class CheckpointError(MBFError, ValueError):
     """A checkpoint that cannot be used: unreadable, foreign, or saved with other settings."""
 
 
+def checkpoint_file(folder: str | Path, run: str) -> StateFile:
+    """The run's checkpoints: ``<folder>/<run>.pt`` and the previous ``<folder>/<run>.prev.pt``."""
+    return StateFile(Path(folder) / f"{run}.pt")
+
+
 def checkpoint_files(folder: str | Path, run: str) -> tuple[Path, Path]:
     """``(latest, previous)``: ``<folder>/<run>.pt`` and ``<folder>/<run>.prev.pt``."""
-    folder = Path(folder)
-    return folder / f"{run}.pt", folder / f"{run}.prev.pt"
+    state = checkpoint_file(folder, run)
+    return state.path, state.previous
 
 
 def save_checkpoint(folder: str | Path, run: str, payload: Mapping[str, Any]) -> Path:
@@ -83,33 +84,22 @@ def save_checkpoint(folder: str | Path, run: str, payload: Mapping[str, Any]) ->
     Returns:
         The path written.
     """
-    latest, previous = checkpoint_files(folder, run)
-    latest.parent.mkdir(parents=True, exist_ok=True)
-    if latest.is_file():
-        latest.replace(previous)
-    atomic_save({"format": FORMAT, "run": run, **payload}, latest)
-    return latest
+    state = checkpoint_file(folder, run)
+    state.save({"format": FORMAT, "run": run, **payload})
+    return state.path
 
 
 def drop_previous(folder: str | Path, run: str) -> None:
     """Delete the run's previous checkpoint (once its final one is written, the previous one
     only doubles the disk space a finished run takes)."""
-    checkpoint_files(folder, run)[1].unlink(missing_ok=True)
+    checkpoint_file(folder, run).drop_previous()
 
 
-def _read(path: Path, run: str) -> dict[str, Any]:
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a damaged pickle can raise nearly any exception type
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint, probably truncated or corrupt "
-            f"({type(err).__name__}: {err})"
-        ) from err
+def _check(payload: Any, run: str) -> None:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a training checkpoint of format {FORMAT}")
+        raise CheckpointError(f"not a training checkpoint of format {FORMAT}")
     if payload.get("run") != run:
-        raise CheckpointError(f"{path} holds run {payload.get('run')!r}, not {run!r}")
-    return payload
+        raise CheckpointError(f"it holds run {payload.get('run')!r}, not {run!r}")
 
 
 def load_checkpoint(
@@ -130,34 +120,13 @@ def load_checkpoint(
         CheckpointError: When no checkpoint file can be read (each is named, with the reason),
             or when the saved settings differ (each difference is named).
     """
-    problems = []
-    payload = None
-    latest, previous = checkpoint_files(folder, run)
-    for path in (latest, previous):
-        if not path.is_file():
-            continue
-        try:
-            payload = _read(path, run)
-        except CheckpointError as err:
-            problems.append(str(err))
-            continue
-        if problems:
-            kept = latest.with_name(f"{run}.corrupt.pt")
-            latest.replace(kept)
-            previous.replace(latest)
-            logger.warning(
-                "%s; continuing from the previous checkpoint %s (the damaged one is kept as %s)",
-                problems[0],
-                path,
-                kept,
-            )
-        break
+    try:
+        payload = checkpoint_file(folder, run).load(
+            accept=lambda payload: _check(payload, run), what="checkpoint"
+        )
+    except StateFileError as err:
+        raise CheckpointError(str(err)) from err
     if payload is None:
-        if problems:
-            raise CheckpointError(
-                f"no usable checkpoint of run {run!r}: {'; '.join(problems)}. Delete those files "
-                "to start the run again."
-            )
         return None
     saved = payload.get("settings", {})
     changed = {
