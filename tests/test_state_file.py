@@ -14,6 +14,21 @@ def _state(k: int) -> dict:
     return {"iteration": k, "weights": torch.full((3,), float(k))}
 
 
+def _save_on_a_full_disk(state, monkeypatch, fails) -> None:
+    """Save iteration 2 while ``os.replace(src, dst)`` raises ENOSPC wherever ``fails`` is true."""
+    real = os.replace
+
+    def replace(src, dst):
+        if fails(src, dst):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(StorageError, match="No space left on device"):
+        state.save(_state(2))
+    monkeypatch.undo()
+
+
 def test_save_keeps_the_state_before_the_latest(tmp_path):
     state = StateFile(tmp_path / "run_state.pt")
     assert state.load() is None and not state.exists()
@@ -32,17 +47,7 @@ def test_a_failed_write_changes_neither_file(tmp_path, monkeypatch):
     state = StateFile(tmp_path / "run_state.pt")
     state.save(_state(0))
     state.save(_state(1))
-    real = os.replace
-
-    def full(src, dst):
-        if str(src).endswith(".tmp"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(src, dst)
-
-    monkeypatch.setattr(os, "replace", full)
-    with pytest.raises(StorageError, match="No space left on device"):
-        state.save(_state(2))
-    monkeypatch.undo()
+    _save_on_a_full_disk(state, monkeypatch, lambda src, dst: str(src).endswith(".tmp"))
     assert state.load()["iteration"] == 1
     assert torch.load(state.previous, weights_only=True)["iteration"] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run_state.prev.pt", "run_state.pt"]
@@ -104,16 +109,6 @@ def test_a_failed_save_leaves_the_latest_state_and_no_staged_file(tmp_path, monk
     state = StateFile(tmp_path / "run_state.pt")
     state.save(_state(0))
     state.save(_state(1))
-    real = os.replace
-
-    def full(src, dst):
-        if str(dst) == str(state.path):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(src, dst)
-
-    monkeypatch.setattr(os, "replace", full)
-    with pytest.raises(StorageError, match="No space left"):
-        state.save(_state(2))
-    monkeypatch.undo()
+    _save_on_a_full_disk(state, monkeypatch, lambda src, dst: str(dst) == str(state.path))
     assert torch.load(state.path, weights_only=True)["iteration"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run_state.prev.pt", "run_state.pt"]
