@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from mbf_analysis.data import Dataset, load_dataset
 from mbf_analysis.datafiles import CACHE_ENV_VAR
-from mbf_analysis.errors import MBFError, NonFiniteError
+from mbf_analysis.errors import ConfigError, MBFError, NonFiniteError
 from mbf_analysis.files import atomic_save
 from mbf_analysis.models import build_model
 from mbf_analysis.stopping import stop_requests
@@ -102,15 +102,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
-            raise ValueError(f"epochs must be non-negative, got {self.epochs}.")
+            raise ConfigError(f"epochs must be non-negative, got {self.epochs}.")
         if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}.")
+            raise ConfigError(f"lr must be positive, got {self.lr}.")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size}.")
+            raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size}.")
         if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must lie in [0, 1), got {self.momentum}.")
+            raise ConfigError(f"momentum must lie in [0, 1), got {self.momentum}.")
         if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}.")
+            raise ConfigError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}.")
 
     @property
     def key(self) -> str:
@@ -182,9 +182,9 @@ def train_model(
             ``partial`` (if given) is saved.
     """
     if dataset.name != config.dataset:
-        raise ValueError(f"config is for dataset {config.dataset!r}, got {dataset.name!r}.")
+        raise ConfigError(f"config is for dataset {config.dataset!r}, got {dataset.name!r}.")
     if not dataset.has_labels:
-        raise ValueError(f"dataset {dataset.name!r} has no labels to train a classifier on.")
+        raise ConfigError(f"dataset {dataset.name!r} has no labels to train a classifier on.")
     model = _build(config, device).train()
     inputs = dataset.train_x.to(device=device, dtype=config.torch_dtype)
     targets = dataset.train_y.to(device)
@@ -286,11 +286,11 @@ class _Progress:
         try:
             saved = torch.load(path, map_location=self.device, weights_only=True)
             if saved.get("format") != _FORMAT_VERSION or saved.get("config") != asdict(self.config):
-                raise ValueError(f"holds another configuration: {saved.get('config')}")
+                raise ConfigError(f"holds another configuration: {saved.get('config')}")
             self.model.load_state_dict(saved["state_dict"])
             buffers = [b.to(self.device) for b in saved["buffers"]]
             if [b.shape for b in buffers] != [b.shape for b in self.buffers]:
-                raise ValueError("its momentum buffers do not fit the model")
+                raise ConfigError("its momentum buffers do not fit the model")
             self.buffers = buffers
             self.generator.set_state(saved["generator"])
         except Exception as err:  # a damaged file can fail in many ways

@@ -68,6 +68,7 @@ from mbf_analysis.datafiles import (
     get_dataset_spec,
     locate,
 )
+from mbf_analysis.errors import ConfigError
 
 __all__ = [
     "ChecksumError",
@@ -135,13 +136,13 @@ class Dataset:
         splits = (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y))
         for split, x, y in splits:
             if x.dtype != torch.float32 or tuple(x.shape[1:]) != tuple(self.input_shape):
-                raise ValueError(
+                raise ConfigError(
                     f"{self.name} {split}_x: expected float32 "
                     f"[N, {', '.join(map(str, self.input_shape))}], "
                     f"got {x.dtype} {list(x.shape)}"
                 )
             if y.dtype != torch.int64 or y.shape != (x.shape[0],):
-                raise ValueError(
+                raise ConfigError(
                     f"{self.name} {split}_y: expected int64 [{x.shape[0]}], "
                     f"got {y.dtype} {list(y.shape)}"
                 )
@@ -162,7 +163,7 @@ class Dataset:
             return TensorDataset(self.train_x, self.train_y)
         if split == "test":
             return TensorDataset(self.test_x, self.test_y)
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
 
     def __repr__(self) -> str:
         return (

@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from mbf_analysis.errors import ConfigError, MBFError
 from mbf_analysis.files import atomic_write_json
 
 __all__ = [
@@ -111,7 +112,7 @@ _OPTIONS: dict[str, tuple[str, str]] = {
 # --------------------------------------------------------------------------------------------
 
 
-class DataError(Exception):
+class DataError(MBFError):
     """Base class of every error raised while finding, fetching or reading a data set."""
 
 
@@ -362,7 +363,7 @@ def get_dataset_spec(name: str) -> DatasetSpec:
     """
     key = name.strip().lower().replace("_", "-")
     if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
+        raise ConfigError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
     return DATASETS[key]
 
 

@@ -1,4 +1,11 @@
-"""Exceptions the toolkit raises for bad input; the CLI turns each into a one-line error."""
+"""Exceptions the toolkit raises for bad input; the CLI turns each into a one-line error.
+
+Every error the toolkit raises on purpose is an :class:`MBFError`; it also derives from the
+built-in class a Python caller would expect (``ValueError`` for a bad setting, ``KeyError`` for
+an unknown name, ``MemoryError`` for a refused allocation, ...). ``mbf-analyze`` prints an
+``MBFError`` as one line and exits 2; any other exception is a bug in the toolkit, shown with
+its traceback (exit 1).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,8 @@ from pathlib import Path
 
 __all__ = [
     "MBFError",
+    "ConfigError",
+    "UnknownNameError",
     "UnsupportedModuleError",
     "InplaceModuleError",
     "TrainModeError",
@@ -18,6 +27,17 @@ __all__ = [
 
 class MBFError(Exception):
     """Base class of the toolkit's input errors."""
+
+
+class ConfigError(MBFError, ValueError):
+    """A setting, argument or input value that the toolkit refuses, with the reason."""
+
+
+class UnknownNameError(MBFError, KeyError):
+    """A method, layer or statistic name that does not exist; the message lists the known ones."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class UnsupportedModuleError(MBFError, TypeError):

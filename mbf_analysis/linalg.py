@@ -45,6 +45,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from mbf_analysis.errors import ConfigError
+
 __all__ = [
     "add_gram_",
     "all_finite",
@@ -203,7 +205,7 @@ def damped_solve(mats: Tensor, rhs: Tensor, damping: float | Tensor) -> Tensor:
     vector = rhs.dim() == mats.dim() - 1
     rhs_mat = rhs.unsqueeze(-1) if vector else rhs
     if rhs_mat.shape[:-1] != mats.shape[:-1]:
-        raise ValueError(
+        raise ConfigError(
             f"rhs of shape {tuple(rhs.shape)} does not match mats of shape {tuple(mats.shape)}: "
             "expected [*, s] or [*, s, k] with the same batch dimensions [*]"
         )
@@ -269,13 +271,13 @@ def inverse_root(
     """
     _check_square("mat", mat)
     if isinstance(p, bool) or not isinstance(p, int) or p < 1:
-        raise ValueError(f"p must be an integer >= 1, got {p!r}")
+        raise ConfigError(f"p must be an integer >= 1, got {p!r}")
     if not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+        raise ConfigError(f"eps must be finite and >= 0, got {eps}")
     if method not in ROOT_METHODS:
-        raise ValueError(f"method must be one of {ROOT_METHODS}, got {method!r}")
+        raise ConfigError(f"method must be one of {ROOT_METHODS}, got {method!r}")
     if max_iter < 0:
-        raise ValueError(f"max_iter must be >= 0, got {max_iter}")
+        raise ConfigError(f"max_iter must be >= 0, got {max_iter}")
     _check_finite("mat", mat)
     if mat.numel() == 0:
         return torch.empty_like(mat)
@@ -338,13 +340,13 @@ def woodbury_damped_solve(U: Tensor, rhs: Tensor, damping: float, scale: float =
             do not match.
     """
     if not (math.isfinite(damping) and damping > 0):
-        raise ValueError(f"woodbury_damped_solve needs damping > 0, got {damping}")
+        raise ConfigError(f"woodbury_damped_solve needs damping > 0, got {damping}")
     if not (math.isfinite(scale) and scale >= 0):
-        raise ValueError(f"scale must be finite and >= 0, got {scale}")
+        raise ConfigError(f"scale must be finite and >= 0, got {scale}")
     vector = rhs.dim() == U.dim() - 1
     b = rhs.unsqueeze(-1) if vector else rhs
     if U.dim() < 2 or b.shape[:-1] != U.shape[:-2] + U.shape[-1:]:
-        raise ValueError(
+        raise ConfigError(
             f"rhs of shape {tuple(rhs.shape)} does not match U of shape {tuple(U.shape)}: "
             "expected [*, d] or [*, d, k] for U [*, m, d]"
         )
@@ -446,23 +448,23 @@ def kron_damped_solve_split(A: Tensor, G: Tensor, V: Tensor, damping: float) -> 
 
 def _check_square(name: str, mats: Tensor) -> None:
     if mats.dim() < 2 or mats.shape[-1] != mats.shape[-2]:
-        raise ValueError(f"{name} must have shape [*, s, s], got {tuple(mats.shape)}")
+        raise ConfigError(f"{name} must have shape [*, s, s], got {tuple(mats.shape)}")
     if not mats.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {mats.dtype}")
 
 
 def _check_finite(name: str, tensor: Tensor) -> None:
     if not all_finite(tensor):
-        raise ValueError(f"{name} contains NaN/Inf")
+        raise ConfigError(f"{name} contains NaN/Inf")
 
 
 def _check_kron_args(A: Tensor, G: Tensor, V: Tensor, damping: float) -> None:
     if not (math.isfinite(damping) and damping > 0):
-        raise ValueError(f"Kronecker solves need damping > 0, got {damping}")
+        raise ConfigError(f"Kronecker solves need damping > 0, got {damping}")
     _check_square("A", A)
     _check_square("G", G)
     if V.shape[-2:] != (G.shape[-1], A.shape[-1]):
-        raise ValueError(
+        raise ConfigError(
             f"V must have shape [*, g, a] = [*, {G.shape[-1]}, {A.shape[-1]}], got {tuple(V.shape)}"
         )
     for name, tensor in (("A", A), ("G", G), ("V", V)):
@@ -486,9 +488,9 @@ def _as_damping(damping: float | Tensor, batch: torch.Size, device: torch.device
     """The damping as a float64 tensor ``[B]``, validated."""
     lam = torch.as_tensor(damping, dtype=torch.float64, device=device)
     if not bool(torch.isfinite(lam).all()):
-        raise ValueError("damping contains NaN/Inf")
+        raise ConfigError("damping contains NaN/Inf")
     if bool((lam < 0).any()):
-        raise ValueError(f"damping must be >= 0, got {damping}")
+        raise ConfigError(f"damping must be >= 0, got {damping}")
     return lam.expand(batch).reshape(batch.numel())
 
 
@@ -776,14 +778,14 @@ def rank2_kron_inverse(
             do not match, or NaN/Inf in an input.
     """
     if not (math.isfinite(pi) and pi > 0):
-        raise ValueError(f"pi must be a finite number > 0, got {pi}")
+        raise ConfigError(f"pi must be a finite number > 0, got {pi}")
     if not (math.isfinite(floor) and 0 < floor <= 1):
-        raise ValueError(f"floor must lie in (0, 1], got {floor}")
+        raise ConfigError(f"floor must lie in (0, 1], got {floor}")
     probe = A1.new_zeros(*A1.shape[:-2], G1.shape[-1], A1.shape[-1])
     _check_kron_args(A1, G1, probe, damping)
     for name, second, first in (("A2", A2, A1), ("G2", G2, G1)):
         if second.shape != first.shape:
-            raise ValueError(
+            raise ConfigError(
                 f"{name} must have the shape of {name[0]}1, {tuple(first.shape)}, got "
                 f"{tuple(second.shape)}"
             )

@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
+from mbf_analysis.errors import ConfigError
+
 __all__ = [
     "ACTIVATIONS",
     "CURVES_AE_WIDTHS",
@@ -91,7 +93,7 @@ def _make_activation(activation: str | type[nn.Module]) -> nn.Module:
     if isinstance(activation, str):
         key = activation.lower().replace("-", "_")
         if key not in ACTIVATIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}"
             )
         cls = ACTIVATIONS[key]
@@ -108,7 +110,7 @@ def _make_activation(activation: str | type[nn.Module]) -> nn.Module:
 def _check_widths(widths: Sequence[int], min_len: int = 2) -> list[int]:
     widths = [int(w) for w in widths]
     if len(widths) < min_len or any(w < 1 for w in widths):
-        raise ValueError(f"widths must be at least {min_len} positive integers, got {widths}")
+        raise ConfigError(f"widths must be at least {min_len} positive integers, got {widths}")
     return widths
 
 
@@ -170,7 +172,7 @@ def simple_cnn(in_channels: int = 1, num_classes: int = 10, image_size: int = 28
         ``nn.Sequential`` mapping ``[N, C, H, H]`` to logits ``[N, num_classes]``.
     """
     if image_size < 4:
-        raise ValueError(f"image_size must be at least 4, got {image_size}")
+        raise ConfigError(f"image_size must be at least 4, got {image_size}")
     side = image_size // 2 // 2
     return nn.Sequential(
         OrderedDict(
@@ -264,7 +266,7 @@ class ShortcutA(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int = 2) -> None:
         super().__init__()
         if out_channels < in_channels:
-            raise ValueError(
+            raise ConfigError(
                 f"option-A shortcut cannot shrink channels ({in_channels} -> {out_channels})"
             )
         self.in_channels = in_channels
@@ -367,7 +369,7 @@ def _vgg_bn(
 ) -> nn.Sequential:
     """Flat VGG-BN ``nn.Sequential`` for 32×32 inputs (see :func:`vgg11_bn`)."""
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     channels, n_conv, n_pool = in_channels, 0, 0
     for item in config:
@@ -467,7 +469,7 @@ def build_model(name: str, **kwargs: object) -> nn.Module:
     """
     key = name.lower().replace("_", "-")
     if key not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {model_names()}")
+        raise ConfigError(f"unknown model {name!r}; choose one of {model_names()}")
     return MODELS[key](**kwargs)
 
 

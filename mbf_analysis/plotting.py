@@ -30,6 +30,8 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from mbf_analysis.errors import ConfigError
+
 __all__ = [
     "BLOCK_GID",
     "COSINE_COLUMNS",
@@ -118,7 +120,7 @@ def plot_inverse_heatmap(
     values = np.abs(_as_numpy(matrix))
     sizes = [int(s) for s in block_sizes]
     if values.ndim != 2 or values.shape[0] != values.shape[1] or sum(sizes) != len(values):
-        raise ValueError(
+        raise ConfigError(
             f"block sizes adding up to {sum(sizes)} do not tile a matrix of shape "
             f"{list(values.shape)}."
         )
@@ -137,7 +139,7 @@ def plot_inverse_heatmap(
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
     first, stop = (0, len(sizes)) if block_range is None else block_range
     if not 0 <= first < stop <= len(sizes):
-        raise ValueError(f"block_range {block_range} is not within the {len(sizes)} blocks.")
+        raise ConfigError(f"block_range {block_range} is not within the {len(sizes)} blocks.")
     lo, hi = int(offsets[first]), int(offsets[stop])
     image = ax.imshow(
         values[lo:hi, lo:hi],
@@ -203,10 +205,10 @@ def plot_heatmap_grid(
         The figure, one axes per panel (each with its own colour bar).
     """
     if not matrices:
-        raise ValueError("no matrices to plot.")
+        raise ConfigError("no matrices to plot.")
     missing = [name for name in matrices if name not in block_sizes]
     if missing:
-        raise ValueError(f"no block sizes for {missing}.")
+        raise ConfigError(f"no block sizes for {missing}.")
     panels: list[tuple[str, str, tuple[int, int] | None]] = []
     for name in matrices:
         panels.append((name, name, None))
@@ -248,11 +250,11 @@ def smooth_cosines(frame: pd.DataFrame, window: int, value: str = "cosine") -> p
         A copy sorted by ``layer, method, iteration`` with the extra column.
     """
     if window < 1:
-        raise ValueError(f"smoothing window must be a positive integer, got {window}.")
+        raise ConfigError(f"smoothing window must be a positive integer, got {window}.")
     needed = [*COSINE_COLUMNS[:3], value]
     missing = [c for c in needed if c not in frame.columns]
     if missing:
-        raise ValueError(f"cosine frame lacks columns {missing}; it needs {needed}.")
+        raise ConfigError(f"cosine frame lacks columns {missing}; it needs {needed}.")
     out = frame.sort_values(["layer", "method", "iteration"], kind="stable").copy()
     out["smoothed"] = out.groupby(["layer", "method"], sort=False)[value].transform(
         lambda s: s.rolling(window, min_periods=1).mean()
@@ -266,7 +268,7 @@ def _pick(frame: pd.DataFrame, column: str, wanted: Sequence[str] | None) -> lis
         return present
     unknown = [w for w in wanted if w not in present]
     if unknown:
-        raise ValueError(f"{column}s {unknown} not in the frame; it has {present}.")
+        raise ConfigError(f"{column}s {unknown} not in the frame; it has {present}.")
     return list(wanted)
 
 
@@ -449,12 +451,12 @@ def plot_training_curves(
     xs = [x] if isinstance(x, str) else list(x)
     unknown = [name for name in xs if name not in _X_LABELS]
     if unknown or not xs:
-        raise ValueError(f"x must be among {list(_X_LABELS)}, got {unknown or xs}.")
+        raise ConfigError(f"x must be among {list(_X_LABELS)}, got {unknown or xs}.")
     missing = [c for c in ("optimizer", "kind", y, *xs) if c not in frame.columns]
     if missing:
-        raise ValueError(f"training log lacks columns {missing}.")
+        raise ConfigError(f"training log lacks columns {missing}.")
     if ax is not None and len(xs) > 1:
-        raise ValueError(f"ax draws one panel; got {len(xs)} x columns {xs}.")
+        raise ConfigError(f"ax draws one panel; got {len(xs)} x columns {xs}.")
     per_step = y == "loss"
     rows = frame[frame.kind == ("step" if per_step else "eval")].dropna(subset=[y])
     optimizers = _pick(frame, "optimizer", optimizers)
@@ -576,12 +578,12 @@ def plot_approximation_errors(
         The figure.
     """
     if smoothing < 1:
-        raise ValueError(f"smoothing window must be a positive integer, got {smoothing}.")
+        raise ConfigError(f"smoothing window must be a positive integer, got {smoothing}.")
     if value not in _ERROR_VALUES:
-        raise ValueError(f"value must be one of {list(_ERROR_VALUES)}, got {value!r}.")
+        raise ConfigError(f"value must be one of {list(_ERROR_VALUES)}, got {value!r}.")
     missing = [c for c in ("iteration", "layer", "method", value) if c not in frame.columns]
     if missing:
-        raise ValueError(f"error frame lacks columns {missing}.")
+        raise ConfigError(f"error frame lacks columns {missing}.")
     layers = _pick(frame, "layer", layers)
     methods = _pick(frame, "method", methods)
     zero = [m for m in methods if bool((frame[frame.method == m][value].fillna(0) == 0).all())]

@@ -79,6 +79,39 @@ def test_bad_input_gives_one_line_and_exit_code_2(argv, message, capsys, monkeyp
     assert message in err
 
 
+@pytest.mark.parametrize("error", [ValueError("injected"), KeyError("injected")])
+def test_an_unexpected_exception_is_a_bug_with_its_traceback_and_exit_code_1(
+    error, tmp_path, capsys, monkeypatch
+):
+    from mbf_analysis.analysis import summary
+
+    def broken(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(summary, "layer_fisher", broken)
+    code = main(["fisher", "--batch-size", "16", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "Traceback (most recent call last)" in err
+    assert f"{type(error).__name__}: " in err and "in broken" in err
+    assert "this is a bug in mbf-analysis" in err
+    assert "mbf-analyze: error:" not in err
+
+
+def test_the_toolkit_s_own_errors_stay_one_line(tmp_path, capsys, monkeypatch):
+    from mbf_analysis.analysis import summary
+    from mbf_analysis.errors import ConfigError
+
+    def refuses(*args, **kwargs):
+        raise ConfigError("damping must be positive")
+
+    monkeypatch.setattr(summary, "layer_fisher", refuses)
+    code = main(["fisher", "--batch-size", "16", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.endswith("\nmbf-analyze: error: damping must be positive\n")
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     "argv",
     [

@@ -253,7 +253,9 @@ def test_subset_fits_a_budget_that_the_whole_layer_does_not():
     model, x, y = _problem(_tiny_cnn, (2, 3, 4))
     layout = model_layouts(model)["2"]  # d = 2·3·6 + 2 = 38
     channel = ParameterSubset.conv_input_channel(layout, 1)  # k = 12
-    budget = 4 * 12 * 12 * 8  # F, P and F + λI of [12, 12] float64 fit; those of [38, 38] do not
+    # 32 KiB: the [12, 12] float64 matrices (4·12²·8 B = 4.5 KiB) and, in half of the budget, the
+    # pass over a chunk of 2 samples (about 15 KiB) fit; those of [38, 38] (45 KiB) do not.
+    budget = 32 * 2**10
     result = inverse_fisher_heatmaps(
         model, nn.CrossEntropyLoss(), x, y, [channel], memory_budget=budget, chunk_size=2
     )

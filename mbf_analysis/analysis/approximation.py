@@ -104,7 +104,12 @@ from mbf_analysis.curvature.collect import (
 )
 from mbf_analysis.curvature.fisher import prepare_batch
 from mbf_analysis.curvature.kfac import KronFactors, KronSamples
-from mbf_analysis.errors import NonFiniteError, UnsupportedModuleError
+from mbf_analysis.errors import (
+    ConfigError,
+    NonFiniteError,
+    UnknownNameError,
+    UnsupportedModuleError,
+)
 from mbf_analysis.layout import LayerLayout, model_layouts
 from mbf_analysis.methods import KFAC, MBF, BlockPlan, KroneckerSVD, Method
 from mbf_analysis.methods.kronecker_svd import sample_grams
@@ -392,7 +397,7 @@ def _check_names(methods: Sequence[str] | str) -> tuple[str, ...]:
     names = (methods,) if isinstance(methods, str) else tuple(methods)
     unknown = [name for name in names if name not in APPROXIMATED]
     if not names or unknown or len(set(names)) != len(names):
-        raise ValueError(
+        raise ConfigError(
             f"methods must be distinct names from {list(APPROXIMATED)} (the registry methods "
             f"whose matrix approximates the Fisher), got {list(names)}."
         )
@@ -401,7 +406,7 @@ def _check_names(methods: Sequence[str] | str) -> tuple[str, ...]:
 
 def _check_fisher(fisher: str) -> None:
     if fisher not in _KINDS:
-        raise ValueError(f"fisher must be one of {tuple(_KINDS)}, got {fisher!r}.")
+        raise ConfigError(f"fisher must be one of {tuple(_KINDS)}, got {fisher!r}.")
 
 
 def _linear_layers(layouts: Mapping[str, LayerLayout], layers: Sequence[str] | None) -> list[str]:
@@ -416,7 +421,9 @@ def _linear_layers(layouts: Mapping[str, LayerLayout], layers: Sequence[str] | N
     chosen = [layers] if isinstance(layers, str) else list(layers)
     for name in chosen:
         if name not in layouts:
-            raise KeyError(f"unknown layer {name!r}; the model's layers are {list(layouts)}.")
+            raise UnknownNameError(
+                f"unknown layer {name!r}; the model's layers are {list(layouts)}."
+            )
         if layouts[name].kind != "linear":
             raise UnsupportedModuleError(
                 f"layer {name!r} is not an nn.Linear layer ({layouts[name].kind}); the "
@@ -433,13 +440,13 @@ def _build(
     their own configuration (``inverse_period`` :data:`_NEVER` unless given)."""
     stray = sorted(set(options) - set(names))
     if stray:
-        raise ValueError(f"method_options given for {stray}, which are not compared: {names}.")
+        raise ConfigError(f"method_options given for {stray}, which are not compared: {names}.")
     per_method = {}
     for name in names:
         opts = dict(options.get(name, {}))
         if name in _WITH_FISHER:
             if "fisher" in opts:
-                raise ValueError(
+                raise ConfigError(
                     f"method_options[{name!r}] sets 'fisher'; the analysis sets it for every "
                     "method at once (fisher=...)."
                 )
@@ -474,7 +481,7 @@ def _factored(
         return _KronSum(method.kronecker_factors(layer), ref)
     plan = _plan(method, layouts, layer)
     if method.config.block_size_one:
-        raise ValueError(
+        raise ConfigError(
             f"{name} with block_size_one=True is compared densely only; layer {layer!r} has "
             f"{layouts[layer].dim} parameters, above max_dense_dim."
         )
@@ -580,14 +587,14 @@ def approximation_errors(
     names = _check_names(methods)
     _check_fisher(fisher)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an integer ≥ 0, got {top_k!r}.")
+        raise ConfigError(f"top_k must be an integer ≥ 0, got {top_k!r}.")
     layouts = model_layouts(model)
     chosen = _linear_layers(layouts, layers)
     built = _build(names, fisher, method_options or {})
     carried = carried or {}
     lacking = [name for name in names if name in CARRIED and name not in carried]
     if lacking:
-        raise ValueError(
+        raise ConfigError(
             f"{lacking} are MBF's EMA along a training trajectory and have no one-shot form; "
             "record them with ApproximationRun or mbf-analyze error (or pass carried=...)."
         )
@@ -667,7 +674,7 @@ def _optimizers() -> dict[str, type[torch.optim.Optimizer]]:
 def _positive_int(config: object, name: str) -> None:
     value = getattr(config, name)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"ApproximationConfig.{name} must be a positive integer, got {value!r}.")
+        raise ConfigError(f"ApproximationConfig.{name} must be a positive integer, got {value!r}.")
 
 
 @dataclass(kw_only=True)
@@ -717,24 +724,28 @@ class ApproximationConfig:
         if self.fisher_batch_size is not None:
             _positive_int(self, "fisher_batch_size")
             if self.fisher_batch_size > self.batch_size:
-                raise ValueError(
+                raise ConfigError(
                     f"ApproximationConfig.fisher_batch_size {self.fisher_batch_size} exceeds "
                     f"batch_size {self.batch_size}."
                 )
         if self.optimizer.lower() not in _optimizers():
-            raise ValueError(
+            raise ConfigError(
                 f"ApproximationConfig.optimizer {self.optimizer!r} is not a torch.optim "
                 f"optimizer; choose from {sorted(_optimizers())}."
             )
         if isinstance(self.lr, bool) or not isinstance(self.lr, int | float) or self.lr <= 0:
-            raise ValueError(f"ApproximationConfig.lr must be a number > 0, got {self.lr!r}.")
+            raise ConfigError(f"ApproximationConfig.lr must be a number > 0, got {self.lr!r}.")
         self.optimizer_options = dict(self.optimizer_options)
         if self.layers is not None:
             self.layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"ApproximationConfig.top_k must be an integer ≥ 0, got {self.top_k}.")
+            raise ConfigError(
+                f"ApproximationConfig.top_k must be an integer ≥ 0, got {self.top_k}."
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"ApproximationConfig.seed must be an integer ≥ 0, got {self.seed!r}.")
+            raise ConfigError(
+                f"ApproximationConfig.seed must be an integer ≥ 0, got {self.seed!r}."
+            )
         self.method_options = {name: dict(opts) for name, opts in self.method_options.items()}
         _build(self.methods, self.fisher, self.method_options)
 
@@ -779,11 +790,11 @@ class ApproximationRun:
     ) -> None:
         self.config = config or ApproximationConfig()
         if len(inputs) != len(targets):
-            raise ValueError(
+            raise ConfigError(
                 f"inputs and targets differ in length: {len(inputs)} vs {len(targets)}."
             )
         if self.config.batch_size > len(inputs):
-            raise ValueError(
+            raise ConfigError(
                 f"ApproximationConfig.batch_size {self.config.batch_size} exceeds the "
                 f"{len(inputs)} training samples."
             )
@@ -833,7 +844,7 @@ class ApproximationRun:
         """
         n = self.config.iterations if n_iterations is None else n_iterations
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n_iterations must be an integer ≥ 0, got {n!r}.")
+            raise ConfigError(f"n_iterations must be an integer ≥ 0, got {n!r}.")
         frames = []
         bar = tqdm(range(n), desc="Fisher-approximation errors", disable=not progress)
         with stop_requests() as stop:
@@ -948,7 +959,7 @@ class ApproximationRun:
             ours = getattr(self.config, key)
             theirs = saved[key]
             if (tuple(theirs) if key == "methods" else theirs) != ours:
-                raise ValueError(
+                raise ConfigError(
                     f"the state was saved with {key} {theirs!r}; this run uses {ours!r}."
                 )
         ours = asdict(self.config)

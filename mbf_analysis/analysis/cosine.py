@@ -128,7 +128,7 @@ from mbf_analysis import methods as registry
 from mbf_analysis.curvature.collect import Stats, collect
 from mbf_analysis.curvature.fisher import fisher_rows, prepare_batch
 from mbf_analysis.curvature.memory import check_dense, format_bytes, resolve_budget
-from mbf_analysis.errors import MemoryBudgetError, NonFiniteError
+from mbf_analysis.errors import ConfigError, MemoryBudgetError, NonFiniteError
 from mbf_analysis.layout import LayerLayout, model_layouts
 from mbf_analysis.linalg import add_gram_, damped_solve, woodbury_damped_solve
 from mbf_analysis.methods import Method
@@ -174,14 +174,14 @@ FULL_COLUMNS: tuple[str, ...] = (*COLUMNS, "energy_error")
 def _positive_int(config: object, name: str) -> None:
     value = getattr(config, name)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"CosineConfig.{name} must be a positive integer, got {value!r}.")
+        raise ConfigError(f"CosineConfig.{name} must be a positive integer, got {value!r}.")
 
 
 def _positive_float(config: object, name: str) -> None:
     value = getattr(config, name)
     ok = isinstance(value, int | float) and not isinstance(value, bool)
     if not ok or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"CosineConfig.{name} must be a finite number > 0, got {value!r}.")
+        raise ConfigError(f"CosineConfig.{name} must be a finite number > 0, got {value!r}.")
 
 
 @dataclass(kw_only=True)
@@ -241,12 +241,12 @@ class CosineConfig:
         self.methods = (self.methods,) if isinstance(self.methods, str) else tuple(self.methods)
         known = registry.names() + registry.variants()
         if not self.methods:
-            raise ValueError(f"CosineConfig.methods is empty; choose from {known}.")
+            raise ConfigError(f"CosineConfig.methods is empty; choose from {known}.")
         unknown = [name for name in self.methods if name not in known]
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; choose from {known}.")
+            raise ConfigError(f"unknown method(s) {unknown}; choose from {known}.")
         if len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"CosineConfig.methods repeats a method: {list(self.methods)}.")
+            raise ConfigError(f"CosineConfig.methods repeats a method: {list(self.methods)}.")
         _positive_int(self, "iterations")
         _positive_int(self, "batch_size")
         _positive_float(self, "lr")
@@ -254,39 +254,39 @@ class CosineConfig:
         if self.layers is not None:
             self.layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
             if not self.layers or len(set(self.layers)) != len(self.layers):
-                raise ValueError(
+                raise ConfigError(
                     f"CosineConfig.layers must be None or distinct layer names, got "
                     f"{list(self.layers)}."
                 )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"CosineConfig.seed must be an integer ≥ 0, got {self.seed!r}.")
+            raise ConfigError(f"CosineConfig.seed must be an integer ≥ 0, got {self.seed!r}.")
         if self.reference not in REFERENCES:
-            raise ValueError(
+            raise ConfigError(
                 f"CosineConfig.reference must be one of {REFERENCES}, got {self.reference!r}."
             )
         if self.fisher not in REFERENCE_FISHERS:
-            raise ValueError(
+            raise ConfigError(
                 f"CosineConfig.fisher must be one of {REFERENCE_FISHERS}, got {self.fisher!r}."
             )
         if self.reference == "bdf" and self.fisher != "empirical":
-            raise ValueError(
+            raise ConfigError(
                 f"CosineConfig.fisher={self.fisher!r} needs reference='full' (BDF's reference "
                 "is its own empirical-Fisher blocks); set reference='full', or give the methods "
                 "their Fisher through method_options."
             )
         if self.reference_solver not in ("auto", "dense", "woodbury"):
-            raise ValueError(
+            raise ConfigError(
                 "CosineConfig.reference_solver must be one of ('auto', 'dense', 'woodbury'), "
                 f"got {self.reference_solver!r}."
             )
         if self.one_shot is not None and not isinstance(self.one_shot, bool):
-            raise ValueError(
+            raise ConfigError(
                 f"CosineConfig.one_shot must be None or a bool, got {self.one_shot!r}."
             )
         self.method_options = {name: dict(opts) for name, opts in self.method_options.items()}
         stray = sorted(set(self.method_options) - set(self.run_methods))
         if stray:
-            raise ValueError(
+            raise ConfigError(
                 f"method_options given for {stray}, which this run does not use; it runs "
                 f"{list(self.run_methods)}."
             )
@@ -441,11 +441,11 @@ class CosineRun:
     ) -> None:
         self.config = config or CosineConfig()
         if len(inputs) != len(targets):
-            raise ValueError(
+            raise ConfigError(
                 f"inputs and targets differ in length: {len(inputs)} vs {len(targets)}."
             )
         if self.config.batch_size > len(inputs):
-            raise ValueError(
+            raise ConfigError(
                 f"CosineConfig.batch_size {self.config.batch_size} exceeds the {len(inputs)} "
                 "training samples."
             )
@@ -455,7 +455,7 @@ class CosineRun:
         else:
             unknown = [name for name in self.config.layers if name not in layouts]
             if unknown:
-                raise ValueError(
+                raise ConfigError(
                     f"unknown layer(s) {unknown}; the model's layers with parameters are "
                     f"{list(layouts)}."
                 )
@@ -471,7 +471,7 @@ class CosineRun:
         self._dense_reference = False
         if self.config.reference == "full":
             if NETWORK in layouts:
-                raise ValueError(
+                raise ConfigError(
                     f"the model has a layer named {NETWORK!r}, the name of the whole-network rows "
                     "of reference='full'; rename the module."
                 )
@@ -567,7 +567,7 @@ class CosineRun:
         """
         n = self.config.iterations if n_iterations is None else n_iterations
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n_iterations must be an integer ≥ 0, got {n!r}.")
+            raise ConfigError(f"n_iterations must be an integer ≥ 0, got {n!r}.")
         rows: list[dict[str, Any]] = []
         bar = tqdm(range(n), desc="cosine (BDF trajectory)", disable=not progress)
         with stop_requests() as stop:
@@ -606,7 +606,7 @@ class CosineRun:
             raise self._diverged(k, f"parameter(s) {bad} hold NaN or Inf after the last step")
         inputs, targets = self._next_batch()
         if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
-            raise ValueError(f"the minibatch of iteration {k} has NaN or Inf inputs.")
+            raise ConfigError(f"the minibatch of iteration {k} has NaN or Inf inputs.")
         stats = self._collect(k, inputs, targets)
         if not math.isfinite(stats.loss):
             raise self._diverged(k, f"the minibatch loss is {stats.loss}")
@@ -777,13 +777,13 @@ class CosineRun:
         """
         saved = state_dict["config"]
         if tuple(saved["methods"]) != tuple(self.config.methods):
-            raise ValueError(
+            raise ConfigError(
                 f"the state was saved with methods {list(saved['methods'])}, this run compares "
                 f"{list(self.config.methods)}."
             )
         apart = self.stepper is not self.methods[REFERENCE]
         if ("stepper" in state_dict) != apart or set(state_dict["methods"]) != set(self.methods):
-            raise ValueError(
+            raise ConfigError(
                 f"the state was saved with reference={saved.get('reference', 'bdf')!r}, "
                 f"one_shot={saved.get('one_shot')!r}, methods {sorted(state_dict['methods'])}; "
                 f"this run (reference={self.config.reference!r}, one_shot="

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from mbf_analysis.analysis.summary import miniblock_mass
 from mbf_analysis.curvature import FISHER_KINDS, fisher_rows
 from mbf_analysis.curvature.memory import check_dense, resolve_budget
+from mbf_analysis.errors import ConfigError
 from mbf_analysis.layout import LayerLayout, model_layouts
 
 __all__ = ["ParameterSubset", "InverseHeatmaps", "inverse_fisher_heatmaps"]
@@ -64,12 +65,12 @@ class ParameterSubset:
         object.__setattr__(self, "indices", indices)
         object.__setattr__(self, "block_sizes", tuple(int(s) for s in self.block_sizes))
         if any(s < 1 for s in self.block_sizes) or sum(self.block_sizes) != len(indices):
-            raise ValueError(
+            raise ConfigError(
                 f"subset {self.label!r}: block sizes {self.block_sizes[:5]}... must be positive "
                 f"and add up to the number of indices ({len(indices)})."
             )
         if len(torch.unique(indices)) != len(indices):
-            raise ValueError(f"subset {self.label!r} repeats parameter positions.")
+            raise ConfigError(f"subset {self.label!r} repeats parameter positions.")
 
     @property
     def dim(self) -> int:
@@ -94,9 +95,9 @@ class ParameterSubset:
     def check(self, layout: LayerLayout) -> None:
         """Raise ``ValueError`` unless the subset fits ``layout`` (same layer, indices in range)."""
         if layout.name != self.layer:
-            raise ValueError(f"subset {self.label!r} is for {self.layer!r}, not {layout.name!r}.")
+            raise ConfigError(f"subset {self.label!r} is for {self.layer!r}, not {layout.name!r}.")
         if self.dim and (int(self.indices.min()) < 0 or int(self.indices.max()) >= layout.dim):
-            raise ValueError(
+            raise ConfigError(
                 f"subset {self.label!r}: positions must lie in 0..{layout.dim - 1} "
                 f"(layer {layout.name!r} has {layout.dim} parameters)."
             )
@@ -138,13 +139,13 @@ class ParameterSubset:
             ValueError: For a layer that is not a convolution or a channel out of range.
         """
         if layout.kind != "conv2d":
-            raise ValueError(
+            raise ConfigError(
                 f"layer {layout.name!r} is {layout.kind}, not a convolution; input-channel "
                 "subsets need a Conv2d layer."
             )
         c_out, c_in, k_h, k_w = layout.param_shapes[0]
         if not 0 <= channel < c_in:
-            raise ValueError(
+            raise ConfigError(
                 f"input channel {channel} out of range for {layout.name!r}: its kernels read "
                 f"{c_in} channels (0..{c_in - 1})."
             )
@@ -154,7 +155,7 @@ class ParameterSubset:
         sizes = [size] * c_out
         if bias:
             if not layout.has_bias:
-                raise ValueError(f"layer {layout.name!r} has no bias.")
+                raise ConfigError(f"layer {layout.name!r} has no bias.")
             indices = torch.cat([indices, c_out * c_in * size + torch.arange(c_out)])
             sizes += [1] * c_out
         default = f"{layout.name}.weight[:, {channel}]" + ("+bias" if bias else "")
@@ -235,19 +236,19 @@ def inverse_fisher_heatmaps(
         MemoryBudgetError: Up front, if the subsets' dense matrices would not fit.
     """
     if damping <= 0:
-        raise ValueError(f"damping must be positive, got {damping}.")
+        raise ConfigError(f"damping must be positive, got {damping}.")
     unknown = [k for k in kinds if k not in FISHER_KINDS]
     if unknown or not kinds:
-        raise ValueError(f"Fisher kinds {list(kinds)}: choose from {', '.join(FISHER_KINDS)}.")
+        raise ConfigError(f"Fisher kinds {list(kinds)}: choose from {', '.join(FISHER_KINDS)}.")
     if not subsets:
-        raise ValueError("no parameter subsets to analyse.")
+        raise ConfigError("no parameter subsets to analyse.")
     labels = [s.label for s in subsets]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"subset labels must be unique, got {labels}.")
+        raise ConfigError(f"subset labels must be unique, got {labels}.")
     layouts = model_layouts(model)
     for subset in subsets:
         if subset.layer not in layouts:
-            raise ValueError(
+            raise ConfigError(
                 f"layer {subset.layer!r} not found among the model's layers with parameters: "
                 f"{', '.join(layouts)}."
             )

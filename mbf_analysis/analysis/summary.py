@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mbf_analysis.curvature import layer_fisher
+from mbf_analysis.errors import ConfigError
 from mbf_analysis.layout import LayerLayout, model_layouts
 
 __all__ = ["miniblock_mass", "fisher_summary"]
@@ -43,7 +44,7 @@ def miniblock_mass(matrix: Tensor, blocks: LayerLayout | Sequence[int]) -> tuple
     """
     sizes = blocks.block_sizes if isinstance(blocks, LayerLayout) else [int(s) for s in blocks]
     if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1] or sum(sizes) != matrix.shape[0]:
-        raise ValueError(
+        raise ConfigError(
             f"block sizes adding up to {sum(sizes)} do not tile the diagonal of a matrix of "
             f"shape {list(matrix.shape)}."
         )
@@ -88,7 +89,7 @@ def fisher_summary(
         miniblock_area``.
     """
     if damping <= 0:
-        raise ValueError(f"damping must be positive, got {damping}.")
+        raise ConfigError(f"damping must be positive, got {damping}.")
     layouts = model_layouts(model)
     rows = []
     for kind in tqdm(kinds, desc="Fisher kinds", disable=not progress):

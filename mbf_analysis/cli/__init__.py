@@ -27,6 +27,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -121,9 +122,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    """Run one subcommand: exit 0, or 2 with one line for the toolkit's own errors.
+
+    Only :class:`~mbf_analysis.errors.MBFError` (bad settings, data, memory, state files, ...)
+    and :class:`~mbf_analysis.cli.common.UsageError` are the user's to fix. Any other exception
+    is a bug of the toolkit or of a library under it: its traceback is printed with a line that
+    says so, and the exit code is 1.
+    """
     from mbf_analysis.cli.common import UsageError
     from mbf_analysis.cli.run_folder import set_invocation
-    from mbf_analysis.datafiles import DataError
     from mbf_analysis.errors import MBFError
 
     set_invocation(
@@ -134,8 +141,20 @@ def _main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (UsageError, DataError, MBFError, ValueError) as err:
+    except (UsageError, MBFError) as err:
         message = str(err).replace("\n", " ")
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if _interruption(err) is not None:
+            raise
+        traceback.print_exc()
+        print(
+            f"{PROG}: internal error: {type(err).__name__} is not an error the toolkit expects, "
+            "so this is a bug in mbf-analysis (or a library under it), not in your command. "
+            "Please report it with the traceback above and the command line; results already "
+            "saved in --out are kept.",
+            file=sys.stderr,
+        )
+        return 1
     return 0

@@ -56,7 +56,12 @@ from mbf_analysis.curvature.kfac import (
 )
 from mbf_analysis.curvature.losses import Likelihood
 from mbf_analysis.curvature.memory import format_bytes, resolve_budget
-from mbf_analysis.errors import MemoryBudgetError, UnsupportedModuleError
+from mbf_analysis.errors import (
+    ConfigError,
+    MemoryBudgetError,
+    UnknownNameError,
+    UnsupportedModuleError,
+)
 from mbf_analysis.layout import LayerLayout, model_layouts
 
 __all__ = [
@@ -197,10 +202,10 @@ class Stats:
             KRON_SAMPLES_EXACT: "kron_samples_exact",
         }
         if need not in fields:
-            raise KeyError(f"unknown statistic {need!r}; known: {sorted(STATISTICS)}.")
+            raise UnknownNameError(f"unknown statistic {need!r}; known: {sorted(STATISTICS)}.")
         value = getattr(self, fields[need])
         if value is None:
-            raise ValueError(
+            raise ConfigError(
                 f"these statistics lack {need!r}; collect them with needs including {need!r}."
             )
         return value
@@ -382,7 +387,9 @@ def collect(
     needs = frozenset(needs) | {GRAD}
     unknown = needs - STATISTICS
     if unknown:
-        raise KeyError(f"unknown statistic(s) {sorted(unknown)}; known: {sorted(STATISTICS)}.")
+        raise UnknownNameError(
+            f"unknown statistic(s) {sorted(unknown)}; known: {sorted(STATISTICS)}."
+        )
     per_sample = PER_SAMPLE_GRAD in needs
     sampled = bool(needs & _SAMPLED)
     exact = bool(needs & _EXACT)

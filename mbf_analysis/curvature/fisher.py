@@ -38,14 +38,21 @@ from mbf_analysis.curvature.backend import (
     extended,
     is_exact_chain,
 )
+from mbf_analysis.curvature.footprint import PassFootprint, pass_footprint
 from mbf_analysis.curvature.losses import Likelihood, likelihood_of
 from mbf_analysis.curvature.memory import (
+    check_chunk,
     check_dense,
     chunk_size_for,
     format_bytes,
     resolve_budget,
 )
-from mbf_analysis.errors import MemoryBudgetError, UnsupportedModuleError
+from mbf_analysis.errors import (
+    ConfigError,
+    MemoryBudgetError,
+    UnknownNameError,
+    UnsupportedModuleError,
+)
 from mbf_analysis.layout import LayerLayout
 from mbf_analysis.linalg import add_gram_
 
@@ -66,7 +73,7 @@ FISHER_KINDS: tuple[str, ...] = ("empirical", "exact", "mc")
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     param = next((p for p in model.parameters() if p.requires_grad), None)
     if param is None:
-        raise ValueError("the model has no trainable parameters (requires_grad=True).")
+        raise ConfigError("the model has no trainable parameters (requires_grad=True).")
     return param.device, param.dtype
 
 
@@ -85,11 +92,11 @@ def prepare_batch(
     likelihood = likelihood_of(loss_fn)
     device, dtype = _model_device_dtype(model)
     if len(inputs) != len(targets):
-        raise ValueError(
+        raise ConfigError(
             f"inputs and targets differ in batch size: {len(inputs)} vs {len(targets)}."
         )
     if len(inputs) == 0:
-        raise ValueError("empty batch: inputs has no samples.")
+        raise ConfigError("empty batch: inputs has no samples.")
     if inputs.is_floating_point():
         inputs = inputs.to(device=device, dtype=dtype)
     else:
@@ -105,7 +112,7 @@ def _selected_layouts(
         return layouts
     missing = [name for name in layers if name not in layouts]
     if missing:
-        raise KeyError(
+        raise UnknownNameError(
             f"layer(s) {missing} not found among the model's layers with parameters: "
             f"{list(layouts)}."
         )
@@ -139,7 +146,7 @@ def per_sample_grads(
         MemoryBudgetError: If the result would not fit in the budget.
         NonFiniteError: If a per-sample gradient holds NaN or Inf.
     """
-    check_model(model)
+    layouts = check_model(model)
     _check_chunk_size(chunk_size)
     likelihood, inputs, targets = prepare_batch(model, loss_fn, inputs, targets)
     device, dtype = _model_device_dtype(model)
@@ -154,12 +161,10 @@ def per_sample_grads(
             "fewer samples, layer_fisher/miniblock_fisher (which stream over the batch), or "
             "raise the budget (memory_budget=..., $MBF_MEMORY_BUDGET)."
         )
-    if chunk_size is not None:
-        chunk = chunk_size
-    elif 2 * total <= budget:
-        chunk = len(inputs)  # one BackPACK pass and no concatenation
-    else:
-        chunk = chunk_size_for(len(inputs), 2 * n_params * itemsize, budget)
+    footprint = pass_footprint(
+        model, inputs[:1], layouts.values(), rows_per_sample=1, backprop_rows=1, itemsize=itemsize
+    )
+    chunk = _chunk(len(inputs), footprint, budget - total, chunk_size, fraction=0.5)
     loss_module = likelihood.summed_loss()
     parts: dict[str, list[Tensor]] = {}
     with extended(model, loss_module), torch.enable_grad():
@@ -181,9 +186,21 @@ def _scaled(tensor: Tensor, scale: float) -> Tensor:
     return tensor if scale == 1.0 else tensor.mul_(scale)
 
 
+def _chunk(
+    n: int, footprint: PassFootprint, budget: int, chunk_size: int | None, *, fraction: float
+) -> int:
+    """``chunk_size`` if it fits ``budget``, else the largest chunk within ``fraction`` of it."""
+    if chunk_size is not None:
+        check_chunk(chunk_size, footprint.total, budget, detail=footprint.describe())
+        return min(chunk_size, n)
+    return chunk_size_for(
+        n, footprint.total, budget, fraction=fraction, detail=footprint.describe()
+    )
+
+
 def _check_chunk_size(chunk_size: int | None) -> None:
     if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}.")
+        raise ConfigError(f"chunk_size must be a positive integer or None, got {chunk_size}.")
 
 
 def _rows_per_sample(kind: str, mc_samples: int, n_outputs: int) -> int:
@@ -228,9 +245,9 @@ def fisher_rows(
         Module name → ``[R, d]`` rows in the layer's mini-block order.
     """
     if kind not in FISHER_KINDS:
-        raise ValueError(f"unknown Fisher kind {kind!r}; choose one of {FISHER_KINDS}.")
+        raise ConfigError(f"unknown Fisher kind {kind!r}; choose one of {FISHER_KINDS}.")
     if mc_samples < 1:
-        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples}.")
+        raise ConfigError(f"mc_samples must be a positive integer, got {mc_samples}.")
     _check_chunk_size(chunk_size)
     layouts = _selected_layouts(check_model(model), layers)
     likelihood, inputs, targets = prepare_batch(model, loss_fn, inputs, targets)
@@ -238,12 +255,10 @@ def fisher_rows(
     budget = resolve_budget(memory_budget, device)
     n = len(inputs)
 
-    n_outputs = 1
+    with torch.no_grad():
+        outputs = model(inputs) if kind == "mc" else model(inputs[:1])
+    n_outputs = outputs[0].numel()
     sampled = None
-    if kind != "empirical":
-        with torch.no_grad():
-            outputs = model(inputs) if kind == "mc" else model(inputs[:1])
-        n_outputs = outputs[0].numel()
     if kind == "mc":
         sampled = [likelihood.sample_targets(outputs, generator) for _ in range(mc_samples)]
     backpack_exact = is_exact_chain(model) and not (likelihood.kind == "bce" and n_outputs > 1)
@@ -255,10 +270,15 @@ def fisher_rows(
     if exact_backend == "output_hessian":
         backpack_exact = False
 
-    n_params = sum(layout.dim for layout in layouts.values())
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    per_sample = 2 * _rows_per_sample(kind, mc_samples, n_outputs) * n_params * itemsize
-    chunk = chunk_size or chunk_size_for(n, per_sample, budget)
+    footprint = pass_footprint(
+        model,
+        inputs[:1],
+        layouts.values(),
+        rows_per_sample=_rows_per_sample(kind, mc_samples, n_outputs),
+        backprop_rows=n_outputs if kind == "exact" and backpack_exact else 1,
+        itemsize=torch.empty(0, dtype=dtype).element_size(),
+    )
+    chunk = _chunk(n, footprint, budget, chunk_size, fraction=0.25)
     loss_module = likelihood.summed_loss()
 
     # Parameters outside the selected layers are frozen for the pass, so that BackPACK and

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from mbf_analysis.errors import ConfigError
+
 __all__ = ["Likelihood", "likelihood_of", "SUPPORTED_LOSSES"]
 
 SUPPORTED_LOSSES: tuple[type[nn.Module], ...] = (
@@ -121,7 +123,7 @@ class Likelihood:
         """Targets on ``like``'s device; float targets in its dtype for MSE and BCE."""
         if self.kind == "cross_entropy":
             if targets.is_floating_point():
-                raise ValueError(
+                raise ConfigError(
                     "CrossEntropyLoss targets must be integer class indices of shape [N]; "
                     "got floating-point targets (class probabilities are not supported)."
                 )
@@ -139,7 +141,7 @@ def likelihood_of(loss_fn: nn.Module) -> Likelihood:
     """
     if isinstance(loss_fn, nn.CrossEntropyLoss):
         if loss_fn.weight is not None or loss_fn.label_smoothing != 0.0:
-            raise ValueError(
+            raise ConfigError(
                 "CrossEntropyLoss with class weights or label smoothing is not supported: the "
                 "Fisher needs the plain negative log-likelihood. Use nn.CrossEntropyLoss()."
             )
@@ -148,7 +150,7 @@ def likelihood_of(loss_fn: nn.Module) -> Likelihood:
         return Likelihood("mse", grad_scale=0.5, ggn_scale=0.5)
     if isinstance(loss_fn, nn.BCEWithLogitsLoss):
         if loss_fn.weight is not None or loss_fn.pos_weight is not None:
-            raise ValueError(
+            raise ConfigError(
                 "BCEWithLogitsLoss with weight or pos_weight is not supported: the Fisher needs "
                 "the plain Bernoulli negative log-likelihood. Use nn.BCEWithLogitsLoss()."
             )

@@ -12,9 +12,16 @@ import os
 
 import torch
 
-from mbf_analysis.errors import MemoryBudgetError
+from mbf_analysis.errors import ConfigError, MemoryBudgetError
 
-__all__ = ["default_budget", "resolve_budget", "format_bytes", "check_dense", "chunk_size_for"]
+__all__ = [
+    "default_budget",
+    "resolve_budget",
+    "format_bytes",
+    "check_dense",
+    "chunk_size_for",
+    "check_chunk",
+]
 
 _FALLBACK_CPU_BYTES = 4 * 2**30
 _SUFFIXES = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -36,7 +43,7 @@ def _parse_bytes(text: str) -> int:
     try:
         return int(float(number) * factor)
     except ValueError as err:
-        raise ValueError(
+        raise ConfigError(
             f"MBF_MEMORY_BUDGET={text!r} is not a size; use bytes or a K/M/G suffix, e.g. 8G."
         ) from err
 
@@ -68,7 +75,7 @@ def resolve_budget(budget: int | None, device: torch.device | str) -> int:
     if budget is None:
         return default_budget(device)
     if budget <= 0:
-        raise ValueError(f"memory_budget must be a positive number of bytes, got {budget}.")
+        raise ConfigError(f"memory_budget must be a positive number of bytes, got {budget}.")
     return int(budget)
 
 
@@ -102,19 +109,45 @@ def check_dense(
 
 
 def chunk_size_for(
-    n_samples: int, bytes_per_sample: int, budget: int, *, fraction: float = 0.25
+    n_samples: int,
+    bytes_per_sample: int,
+    budget: int,
+    *,
+    fraction: float = 0.25,
+    detail: str | None = None,
 ) -> int:
     """Samples per chunk so that one chunk's per-sample tensors use ``fraction`` of ``budget``.
+
+    Args:
+        detail: What one sample costs, for the message (e.g.
+            :meth:`~mbf_analysis.curvature.footprint.PassFootprint.describe`).
 
     Raises:
         MemoryBudgetError: When even one sample does not fit.
     """
     room = int(budget * fraction)
     if bytes_per_sample > room:
+        cost = detail or f"{format_bytes(bytes_per_sample)} per sample"
         raise MemoryBudgetError(
-            f"one sample's per-sample curvature factors need {format_bytes(bytes_per_sample)}, "
-            f"more than {format_bytes(room)} ({fraction:.0%} of the memory budget of "
-            f"{format_bytes(budget)}). Restrict to fewer layers or raise the budget "
-            "(memory_budget=..., $MBF_MEMORY_BUDGET)."
+            f"one sample of this pass needs {cost}, more than {format_bytes(room)} "
+            f"({fraction:.0%} of the memory budget of {format_bytes(budget)}). Restrict to fewer "
+            "layers or raise the budget (memory_budget=..., $MBF_MEMORY_BUDGET)."
         )
     return max(1, min(n_samples, room // max(bytes_per_sample, 1)))
+
+
+def check_chunk(chunk: int, bytes_per_sample: int, budget: int, *, detail: str) -> None:
+    """Refuse an explicit chunk size whose pass would exceed ``budget`` bytes.
+
+    Raises:
+        MemoryBudgetError: Naming the chunk's estimated need and the largest chunk that fits.
+    """
+    need = chunk * bytes_per_sample
+    if need > budget:
+        fits = budget // max(bytes_per_sample, 1)
+        raise MemoryBudgetError(
+            f"a chunk of {chunk} samples needs about {format_bytes(need)} ({detail}), over the "
+            f"memory budget of {format_bytes(budget)}. Use chunk_size={max(fits, 1)} or less, "
+            "chunk_size=None (sized from the budget), or raise the budget (memory_budget=..., "
+            "$MBF_MEMORY_BUDGET)."
+        )

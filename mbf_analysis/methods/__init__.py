@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from mbf_analysis.curvature.collect import Stats, collect
+from mbf_analysis.errors import ConfigError, UnknownNameError
 from mbf_analysis.methods.adam import Adam, AdamConfig
 from mbf_analysis.methods.base import Method, MethodConfig, momentum_
 from mbf_analysis.methods.bdf import BDF, BDFConfig
@@ -137,12 +138,12 @@ def resolve(name: str) -> tuple[str, dict[str, Any]]:
     for coarse in COARSE_SPACES:
         if name == TWO_LEVEL_VARIANT.format(coarse=coarse):
             return "kfac-two-level", {"coarse": coarse}
-    raise KeyError(f"unknown method {name!r}; choose one of {names()} or {variants()}.")
+    raise UnknownNameError(f"unknown method {name!r}; choose one of {names()} or {variants()}.")
 
 
 def _entry(name: str) -> _Entry:
     if name not in _REGISTRY:
-        raise KeyError(f"unknown method {name!r}; choose one of {names()}.")
+        raise UnknownNameError(f"unknown method {name!r}; choose one of {names()}.")
     return _REGISTRY[name]
 
 
@@ -202,7 +203,7 @@ def build_methods(names: str | Iterable[str], **config: Any) -> dict[str, Method
     per_method = {k: dict(v) for k, v in config.items() if k in _REGISTRY}
     stray = set(per_method) - set(selected)
     if stray:
-        raise ValueError(f"settings given for method(s) {sorted(stray)} that are not selected.")
+        raise ConfigError(f"settings given for method(s) {sorted(stray)} that are not selected.")
     unused = {
         key for key in shared if not any(key in _entry(n).config.field_names() for n in selected)
     }

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from mbf_analysis.curvature.collect import DESCRIPTIONS, GRAD, Stats
 from mbf_analysis.curvature.memory import check_dense, resolve_budget
-from mbf_analysis.errors import NonFiniteError
+from mbf_analysis.errors import ConfigError, NonFiniteError, UnknownNameError
 from mbf_analysis.layout import LayerLayout
 
 __all__ = ["Method", "MethodConfig", "momentum_", "check_range", "check_period", "check_choice"]
@@ -51,7 +51,7 @@ def check_range(
     value = getattr(config, name)
     where = f"{type(config).__name__}.{name}"
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{where} must be a finite number, got {value!r}.")
+        raise ConfigError(f"{where} must be a finite number, got {value!r}.")
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
@@ -59,14 +59,14 @@ def check_range(
         right = ")" if high_open else "]"
         lo = "-inf" if low is None else f"{low:g}"
         hi = "inf" if high is None else f"{high:g}"
-        raise ValueError(f"{where} must lie in {left}{lo}, {hi}{right}, got {value!r}.")
+        raise ConfigError(f"{where} must lie in {left}{lo}, {hi}{right}, got {value!r}.")
 
 
 def check_period(config: object, name: str) -> None:
     """Raise ``ValueError`` unless ``config.<name>`` is an integer ``≥ 1``."""
     value = getattr(config, name)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
+        raise ConfigError(
             f"{type(config).__name__}.{name} must be a positive integer (a period in steps), "
             f"got {value!r}."
         )
@@ -76,7 +76,9 @@ def check_choice(config: object, name: str, choices: tuple[str, ...]) -> None:
     """Raise ``ValueError`` unless ``config.<name>`` is one of ``choices``."""
     value = getattr(config, name)
     if value not in choices:
-        raise ValueError(f"{type(config).__name__}.{name} must be one of {choices}, got {value!r}.")
+        raise ConfigError(
+            f"{type(config).__name__}.{name} must be one of {choices}, got {value!r}."
+        )
 
 
 @dataclass(kw_only=True)
@@ -202,7 +204,7 @@ class Method(ABC):
         else:
             missing = [name for name in layouts if name not in grads]
             if missing:
-                raise KeyError(f"grads lack layer(s) {missing}; expected {list(layouts)}.")
+                raise UnknownNameError(f"grads lack layer(s) {missing}; expected {list(layouts)}.")
             vectors = {name: grads[name] for name in layouts}
             self._check_finite(vectors, "the vector to precondition")
         return self._direction(vectors)
@@ -216,7 +218,7 @@ class Method(ABC):
         """
         layouts = self._require_layouts()
         if layer not in layouts:
-            raise KeyError(f"unknown layer {layer!r}; layers: {list(layouts)}.")
+            raise UnknownNameError(f"unknown layer {layer!r}; layers: {list(layouts)}.")
         some = next(t for tensors in self.state.values() for t in tensors.values())
         budget = resolve_budget(None, some.device)
         check_dense({layer: layouts[layer].dim}, some.element_size(), budget)
@@ -233,7 +235,7 @@ class Method(ABC):
             ValueError: If the state belongs to another method.
         """
         if state_dict.get("method") != self.name:
-            raise ValueError(
+            raise ConfigError(
                 f"state of method {state_dict.get('method')!r} cannot be loaded into {self.name!r}."
             )
         self.step = int(state_dict["step"])
@@ -267,7 +269,7 @@ class Method(ABC):
         ours = {name: layout.dim for name, layout in self.layouts.items()}
         theirs = {name: layout.dim for name, layout in layouts.items()}
         if ours != theirs:
-            raise ValueError(
+            raise ConfigError(
                 f"method {self.name!r} was set up for layers {ours} (name: size) but received "
                 f"statistics of layers {theirs}."
             )

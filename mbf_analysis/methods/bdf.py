@@ -45,6 +45,7 @@ from torch import Tensor
 
 from mbf_analysis.curvature.collect import GRAD, PER_SAMPLE_GRAD, Stats
 from mbf_analysis.curvature.memory import check_dense, resolve_budget
+from mbf_analysis.errors import ConfigError
 from mbf_analysis.linalg import damped_solve, woodbury_damped_solve
 from mbf_analysis.methods.base import Method, MethodConfig, check_choice, check_range
 
@@ -79,7 +80,7 @@ class BDFConfig(MethodConfig):
             or not isinstance(self.memory_budget, int)
             or self.memory_budget <= 0
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"BDFConfig.memory_budget must be a positive number of bytes, got "
                 f"{self.memory_budget!r}."
             )

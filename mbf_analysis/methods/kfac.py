@@ -54,6 +54,7 @@ from mbf_analysis.curvature.kfac import (
     split_inverse,
     to_matrix,
 )
+from mbf_analysis.errors import UnknownNameError
 from mbf_analysis.methods.base import (
     Method,
     MethodConfig,
@@ -141,7 +142,9 @@ class KFAC(Method):
         """
         slot = self.state.get(layer, {})
         if "A" not in slot:
-            raise KeyError(f"layer {layer!r} has no Kronecker factors in method {self.name!r}.")
+            raise UnknownNameError(
+                f"layer {layer!r} has no Kronecker factors in method {self.name!r}."
+            )
         return [KronFactors(slot["A"], slot["G"])]
 
     def _update(self, stats: Stats) -> None:

@@ -135,7 +135,7 @@ from mbf_analysis.curvature.kfac import (
     split_inverse,
     to_matrix,
 )
-from mbf_analysis.errors import UnsupportedModuleError
+from mbf_analysis.errors import ConfigError, UnknownNameError, UnsupportedModuleError
 from mbf_analysis.linalg import (
     Rank2KronInverse,
     apply_rank2_kron_inverse,
@@ -806,7 +806,7 @@ class KroneckerSVDConfig(MethodConfig):
         check_range(self, "dampening", low=0.0, high=1.0)
         check_range(self, "decay", low=0.0, high=1.0, high_open=True)
         if not isinstance(self.decay_warmup, bool):
-            raise ValueError(
+            raise ConfigError(
                 f"KroneckerSVDConfig.decay_warmup must be a bool, got {self.decay_warmup!r}."
             )
         check_period(self, "stat_period")
@@ -816,13 +816,13 @@ class KroneckerSVDConfig(MethodConfig):
         check_period(self, "max_iter")
         check_period(self, "lanczos_steps")
         if self.lanczos_steps < 2:
-            raise ValueError(
+            raise ConfigError(
                 "KroneckerSVDConfig.lanczos_steps must be at least 2 (two Ritz pairs), got "
                 f"{self.lanczos_steps!r}."
             )
         check_range(self, "denominator_floor", low=0.0, high=1.0, low_open=True)
         if not isinstance(self.low_rank_apply, bool):
-            raise ValueError(
+            raise ConfigError(
                 f"KroneckerSVDConfig.low_rank_apply must be a bool, got {self.low_rank_apply!r}."
             )
         check_choice(self, "solver", ("gram", "matrix"))
@@ -862,7 +862,9 @@ class KroneckerSVD(Method):
         """
         slot = self.state.get(layer, {})
         if "A1" not in slot:
-            raise KeyError(f"layer {layer!r} has no Kronecker factors in method {self.name!r}.")
+            raise UnknownNameError(
+                f"layer {layer!r} has no Kronecker factors in method {self.name!r}."
+            )
         return [KronFactors(slot[f"A{k}"], slot[f"G{k}"]) for k in range(1, self.rank + 1)]
 
     def diagnostics(self) -> dict[str, dict[str, Any]]:

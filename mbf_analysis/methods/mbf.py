@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from mbf_analysis.curvature.collect import GRAD, PER_SAMPLE_GRAD, SAMPLED_GRAD, Stats
+from mbf_analysis.errors import ConfigError
 from mbf_analysis.layout import LayerLayout
 from mbf_analysis.linalg import damped_inverse
 from mbf_analysis.methods.base import (
@@ -192,7 +193,7 @@ class SpatialAveraging:
     def __post_init__(self) -> None:
         given = [n for n in ("threshold", "min_width", "layers") if getattr(self, n) is not None]
         if len(given) != 1:
-            raise ValueError(
+            raise ConfigError(
                 "SpatialAveraging takes exactly one of threshold, min_width or layers, got "
                 f"{', '.join(given) or 'none'}; e.g. SpatialAveraging(min_width=250)."
             )
@@ -201,13 +202,13 @@ class SpatialAveraging:
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
             ):
-                raise ValueError(
+                raise ConfigError(
                     f"SpatialAveraging.{name} must be a positive integer, got {value!r}."
                 )
         if self.layers is not None:
             layers = self.layers
             if isinstance(layers, str) or not all(isinstance(n, str) for n in layers):
-                raise ValueError(
+                raise ConfigError(
                     "SpatialAveraging.layers must be a list or tuple of module names (strings), "
                     f"got {layers!r}; e.g. layers=('fc3', 'fc6')."
                 )
@@ -237,7 +238,7 @@ class SpatialAveraging:
         linear = list(linear)
         unknown = [n for n in self.layers if n not in linear]
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"{owner}: spatial_averaging names {unknown}, which are not Linear layers of the "
                 f"model; its Linear layers are {linear}."
             )
@@ -258,12 +259,12 @@ def spatial_rule(
     """
     if spatial_averaging is not None:
         if not isinstance(spatial_averaging, SpatialAveraging):
-            raise ValueError(
+            raise ConfigError(
                 f"{owner}: spatial_averaging must be a SpatialAveraging rule or None, got "
                 f"{spatial_averaging!r}; e.g. SpatialAveraging(min_width=250)."
             )
         if spatial_threshold != DEFAULT_SPATIAL_THRESHOLD:
-            raise ValueError(
+            raise ConfigError(
                 f"{owner}: give spatial_averaging or spatial_threshold, not both (got "
                 f"spatial_threshold={spatial_threshold!r}); for the size rule pass "
                 "spatial_averaging=SpatialAveraging(threshold=...)."
@@ -276,7 +277,7 @@ def spatial_rule(
         or not isinstance(spatial_threshold, int)
         or spatial_threshold < 1
     ):
-        raise ValueError(
+        raise ConfigError(
             f"{owner}: spatial_threshold must be a positive integer (or None: never average), "
             f"got {spatial_threshold!r}."
         )
@@ -400,7 +401,7 @@ class MBFConfig(MethodConfig):
         check_period(self, "inverse_period")
         check_choice(self, "statistic", ("minibatch", "sampled", "per_sample"))
         if not isinstance(self.block_size_one, bool):
-            raise ValueError(
+            raise ConfigError(
                 f"MBFConfig.block_size_one must be a bool, got {self.block_size_one!r}."
             )
         if self.spatial_threshold is not None:

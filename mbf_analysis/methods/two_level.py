@@ -103,7 +103,7 @@ from mbf_analysis.curvature.collect import (
     Stats,
 )
 from mbf_analysis.curvature.kfac import KronSamples
-from mbf_analysis.errors import UnsupportedModuleError
+from mbf_analysis.errors import UnknownNameError, UnsupportedModuleError
 from mbf_analysis.layout import LayerLayout
 from mbf_analysis.linalg import damped_solve, symmetrize
 from mbf_analysis.methods.base import Method, check_choice
@@ -557,7 +557,7 @@ class TwoLevelKFAC(Method):
             return self._first_moment()
         missing = [name for name in layouts if name not in grads]
         if missing:
-            raise KeyError(f"grads lack layer(s) {missing}; expected {list(layouts)}.")
+            raise UnknownNameError(f"grads lack layer(s) {missing}; expected {list(layouts)}.")
         vectors = {name: grads[name] for name in layouts}
         self._check_finite(vectors, "the vector to precondition")
         return vectors

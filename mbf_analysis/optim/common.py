@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from mbf_analysis.curvature.losses import likelihood_of
-from mbf_analysis.errors import NonFiniteError, UnsupportedModuleError
+from mbf_analysis.errors import ConfigError, NonFiniteError, UnsupportedModuleError
 from mbf_analysis.layout import BlockGroup, LayerLayout, layout_of
 from mbf_analysis.linalg import all_finite
 
@@ -127,7 +127,7 @@ def place(model: nn.Module, param_groups: Sequence[Mapping[str, Any]], owner: st
     names = {p: n for n, p in model.named_parameters() if p in group_of}
     stray = [i for p, i in group_of.items() if p not in names]
     if stray:
-        raise ValueError(
+        raise ConfigError(
             f"{owner}: {len(stray)} optimized parameter(s) (in param group(s) "
             f"{sorted(set(stray))}) are not parameters of the model; pass the model whose "
             "parameters are optimized."
@@ -160,7 +160,7 @@ def place(model: nn.Module, param_groups: Sequence[Mapping[str, Any]], owner: st
         groups = {group_of[p] for p in params}
         if len(groups) > 1:
             listing = ", ".join(f"'{names[p]}' in group {group_of[p]}" for p in params)
-            raise ValueError(
+            raise ConfigError(
                 f"{owner}: the parameters of layer '{module_name}' ({type(module).__name__}) are "
                 f"in different param groups ({listing}); a weight and its bias share mini-blocks "
                 "and must be in the same param group."
@@ -202,20 +202,20 @@ def check_number(
     """Raise ``ValueError`` unless ``value`` is a finite real number in the given interval."""
     where = _where(owner, group)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{where}: {name} must be a finite number, got {value!r}.")
+        raise ConfigError(f"{where}: {name} must be a finite number, got {value!r}.")
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
         left, right = "(" if low_open else "[", ")" if high_open else "]"
         lo = "-inf" if low is None else f"{low:g}"
         hi = "inf" if high is None else f"{high:g}"
-        raise ValueError(f"{where}: {name} must lie in {left}{lo}, {hi}{right}, got {value!r}.")
+        raise ConfigError(f"{where}: {name} must lie in {left}{lo}, {hi}{right}, got {value!r}.")
 
 
 def check_period(owner: str, group: int | None, name: str, value: Any) -> None:
     """Raise ``ValueError`` unless ``value`` is an integer ``≥ 1``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
+        raise ConfigError(
             f"{_where(owner, group)}: {name} must be a positive integer (a period in steps), "
             f"got {value!r}."
         )
@@ -224,13 +224,13 @@ def check_period(owner: str, group: int | None, name: str, value: Any) -> None:
 def check_choice(owner: str, name: str, value: Any, choices: tuple[Any, ...]) -> None:
     """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
     if value not in choices:
-        raise ValueError(f"{owner}: {name} must be one of {choices}, got {value!r}.")
+        raise ConfigError(f"{owner}: {name} must be one of {choices}, got {value!r}.")
 
 
 def check_bool(owner: str, group: int | None, name: str, value: Any) -> None:
     """Raise ``ValueError`` unless ``value`` is a bool."""
     if not isinstance(value, bool):
-        raise ValueError(f"{_where(owner, group)}: {name} must be True or False, got {value!r}.")
+        raise ConfigError(f"{_where(owner, group)}: {name} must be True or False, got {value!r}.")
 
 
 def check_curvature_settings(owner: str, group: Mapping[str, Any], index: int | None) -> None:
@@ -263,7 +263,7 @@ def resolve_params(
         params = [p for p in model.parameters() if p.requires_grad]
     params = list(params)
     if not params:
-        raise ValueError(f"{owner}: no parameters to optimize.")
+        raise ConfigError(f"{owner}: no parameters to optimize.")
     tensors = [t for item in params for t in (item["params"] if isinstance(item, dict) else [item])]
     check_params(owner, tensors)
     return params
@@ -277,7 +277,7 @@ def check_params(owner: str, params: Sequence[Tensor]) -> None:
         ValueError: For a duplicate.
     """
     if len({id(p) for p in params}) != len(params):
-        raise ValueError(f"{owner}: a parameter appears twice in the parameters to optimize.")
+        raise ConfigError(f"{owner}: a parameter appears twice in the parameters to optimize.")
     for p in params:
         if isinstance(p, Tensor) and p.dtype not in (torch.float32, torch.float64):
             raise TypeError(

@@ -94,7 +94,7 @@ from torch.nn.parallel import DistributedDataParallel
 from mbf_analysis import methods as registry
 from mbf_analysis.curvature.collect import GRAD, Stats, collect
 from mbf_analysis.curvature.losses import likelihood_of
-from mbf_analysis.errors import NonFiniteError
+from mbf_analysis.errors import ConfigError, NonFiniteError, UnknownNameError
 from mbf_analysis.methods import Method
 from mbf_analysis.optim.common import (
     PlacedLayer,
@@ -124,7 +124,7 @@ class _NotCollected(Mapping):
         self._need, self._step = need, step
 
     def __getitem__(self, layer: str) -> Tensor:
-        raise KeyError(
+        raise UnknownNameError(
             f"statistic {self._need!r} was not collected at method step {self._step}: the "
             "front-end collects the statistics beyond 'grad' only on the steps the method's "
             "periods select (mbf_analysis.optim.generic.next_needs)."
@@ -272,7 +272,7 @@ class MethodOptimizer(PlacedOptimizer):
             self.method = registry.get(method, **method_config)
         if self.method.needs - {GRAD}:
             if loss_fn is None:
-                raise ValueError(
+                raise ConfigError(
                     f"{self.OWNER}: method {self.method.name!r} needs curvature statistics "
                     f"({sorted(self.method.needs - {GRAD})}); pass loss_fn (the likelihood: "
                     "nn.CrossEntropyLoss, nn.MSELoss or nn.BCEWithLogitsLoss)."
@@ -316,7 +316,7 @@ class MethodOptimizer(PlacedOptimizer):
         placement = place(self._model, self.param_groups, self.OWNER)
         if placement.fallback_reasons:
             listing = "; ".join(f"'{n}' ({why})" for n, why in placement.fallback_reasons.items())
-            raise ValueError(
+            raise ConfigError(
                 f"{self.OWNER}: method {self.method.name!r} works on layers with a mini-block "
                 f"layout, but {listing}. Freeze those parameters (requires_grad=False) before "
                 "building the optimizer, or optimize every parameter of the module."
@@ -326,7 +326,7 @@ class MethodOptimizer(PlacedOptimizer):
         left_out = [n for p, n in names.items() if p.requires_grad and p not in optimized]
         frozen = [names[p] for p in optimized if not p.requires_grad]
         if left_out or frozen:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.OWNER}: the method updates every layer with a trainable parameter "
                 f"together, so the optimized parameters must be exactly the trainable ones; "
                 f"trainable but not optimized: {left_out}, optimized but frozen: {frozen}. "
@@ -446,13 +446,13 @@ class MethodOptimizer(PlacedOptimizer):
                 step=step,
             )
         if inputs is None or targets is None:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.OWNER}: method {self.method.name!r} updates its curvature statistics at "
                 f"this step (method step {step}); pass the batch whose gradient is in .grad: "
                 "step(inputs=x, targets=y) (needs_batch() tells which steps need it)."
             )
         if len(inputs) != len(targets) or len(inputs) == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.OWNER}: inputs and targets must hold the same, positive number of "
                 f"samples, got {len(inputs)} and {len(targets)}."
             )
@@ -533,13 +533,13 @@ class MethodOptimizer(PlacedOptimizer):
         """
         missing = [key for key in _KEYS if key not in state_dict]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.OWNER}: the state lacks {missing}; it was not saved by a "
                 "MethodOptimizer's state_dict()."
             )
         saved = state_dict["method"]
         if saved.get("method") != self.method.name:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.OWNER}: the state was saved for method {saved.get('method')!r}, this "
                 f"optimizer drives {self.method.name!r}."
             )
@@ -551,7 +551,7 @@ class MethodOptimizer(PlacedOptimizer):
         }
         if differ or set(config) != set(state_dict["method_config"]):
             listing = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differ.items())
-            raise ValueError(
+            raise ConfigError(
                 f"{self.OWNER}: method {self.method.name!r} was configured differently when the "
                 f"state was saved ({listing or 'other fields'}); build the optimizer with the "
                 "saved settings to resume."
@@ -560,7 +560,7 @@ class MethodOptimizer(PlacedOptimizer):
         try:
             torch.Generator(self.generator.device).set_state(generator)
         except (RuntimeError, TypeError) as error:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.OWNER}: invalid generator state in the state: {error}"
             ) from None
         self._check_front_end(state_dict["fisher_fraction"], state_dict["kl_clip"])

@@ -90,7 +90,7 @@ from mbf_analysis.curvature.kfac import (
     input_factor,
     output_factor,
 )
-from mbf_analysis.errors import NonFiniteError, UnsupportedModuleError
+from mbf_analysis.errors import ConfigError, NonFiniteError, UnsupportedModuleError
 from mbf_analysis.layout import LayerLayout
 from mbf_analysis.linalg import all_finite, damped_inverse
 from mbf_analysis.methods.base import momentum_
@@ -316,7 +316,7 @@ class KFAC(PlacedOptimizer):
             TypeError: For an unsupported loss module.
         """
         if not any(group["true_fisher"] for group in self.param_groups):
-            raise ValueError(
+            raise ConfigError(
                 f"{self.OWNER}: sampled_backward was called, but no param group has "
                 "true_fisher=True; its sampled-label factors would be ignored. Construct the "
                 "optimizer with true_fisher=True, or drop the call for the empirical Fisher."
@@ -324,7 +324,7 @@ class KFAC(PlacedOptimizer):
         if not self.needs_sampled_backward():
             return
         if not outputs.requires_grad:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.OWNER}: sampled_backward needs the model outputs of a forward pass run "
                 "with gradients enabled (outputs.requires_grad is False)."
             )

@@ -92,6 +92,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from mbf_analysis.errors import ConfigError
 from mbf_analysis.linalg import damped_inverse
 from mbf_analysis.methods.base import momentum_
 from mbf_analysis.methods.mbf import (
@@ -353,7 +354,7 @@ class MBF(PlacedOptimizer):
             for key in ("F", "P"):
                 value = self.state[run.owner].get(key)
                 if value is not None and tuple(value.shape) != expected:
-                    raise ValueError(
+                    raise ConfigError(
                         f"{self.OWNER}: state '{key}' of parameter '{self._names[run.owner]}' "
                         f"has shape {tuple(value.shape)}, expected {expected}; the state was "
                         "saved for another model or another spatial_averaging or "
@@ -424,7 +425,7 @@ class MBF(PlacedOptimizer):
     ) -> dict[int, Mapping[Tensor, Tensor]]:
         """Group → the tensors its statistics are built from, for the groups due for them."""
         if curvature_grads is not None and not any(g["true_fisher"] for g in self.param_groups):
-            raise ValueError(
+            raise ConfigError(
                 f"{self.OWNER}: curvature_grads were given, but no param group has "
                 "true_fisher=True; they would be ignored."
             )
@@ -440,14 +441,14 @@ class MBF(PlacedOptimizer):
             given = curvature_grads or {}
             missing = [self._names[p] for p in params if p not in given]
             if missing:
-                raise ValueError(
+                raise ConfigError(
                     f"{self.OWNER}: param group {index} has true_fisher=True and updates its "
                     f"statistics at this step, but curvature_grads lacks {missing}; pass the "
                     "sampled-label gradients (see needs_curvature_grads and mbf_true_step)."
                 )
             for p in params:
                 if curvature_grads[p].shape != p.shape:
-                    raise ValueError(
+                    raise ConfigError(
                         f"{self.OWNER}: curvature gradient of '{self._names[p]}' has shape "
                         f"{tuple(curvature_grads[p].shape)}, expected {tuple(p.shape)}."
                     )
@@ -514,7 +515,7 @@ class MBF(PlacedOptimizer):
             self._zero_statistics()
             raise
         if count == 0:
-            raise ValueError(f"{self.OWNER}: warm_start got no batch.")
+            raise ConfigError(f"{self.OWNER}: warm_start got no batch.")
         with torch.no_grad():
             for state in self.state.values():
                 if "F" in state:

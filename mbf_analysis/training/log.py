@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 import pandas as pd
 
+from mbf_analysis.errors import ConfigError
 from mbf_analysis.files import atomic_write, storage_errors
 
 __all__ = ["LOG_COLUMNS", "CsvLog", "keep_rows", "read_log"]
@@ -45,7 +46,7 @@ LOG_COLUMNS = (
 
 def _check_header(path: Path, header: list[str]) -> None:
     if tuple(header) != LOG_COLUMNS:
-        raise ValueError(
+        raise ConfigError(
             f"{path} exists with other columns than a training log of this version "
             f"({', '.join(header[:4])}, …); remove it or choose another file"
         )
@@ -89,7 +90,9 @@ def keep_rows(path: str | Path, run: str, keep: int) -> int:
     path = Path(path)
     if not path.is_file():
         if keep:
-            raise ValueError(f"{path} is missing, but the checkpoint of {run!r} counts {keep} rows")
+            raise ConfigError(
+                f"{path} is missing, but the checkpoint of {run!r} counts {keep} rows"
+            )
         return 0
     header, rows = _complete_lines(path)
     _check_header(path, header)
@@ -102,7 +105,7 @@ def keep_rows(path: str | Path, run: str, keep: int) -> int:
                 continue
         kept.append(row)
     if seen < keep:
-        raise ValueError(
+        raise ConfigError(
             f"{path} holds {seen} rows of run {run!r}, but its checkpoint was taken after "
             f"{keep}; the log does not belong to this checkpoint"
         )

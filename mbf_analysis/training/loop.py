@@ -87,7 +87,7 @@ from torch.optim import Optimizer
 from tqdm.auto import tqdm
 
 from mbf_analysis.data import Dataset, load_dataset
-from mbf_analysis.errors import NonFiniteError
+from mbf_analysis.errors import ConfigError, NonFiniteError
 from mbf_analysis.models import build_model
 from mbf_analysis.optim import KFAC, MBF, MethodOptimizer, Shampoo
 from mbf_analysis.stopping import StopRequests, stop_requests
@@ -192,7 +192,7 @@ def make_optimizer(
     name = split_optimizer(name)[0]
     if name in GENERIC_OPTIMIZERS:
         if likelihood is None:
-            raise ValueError(f"optimizer {name!r} needs the likelihood loss module")
+            raise ConfigError(f"optimizer {name!r} needs the likelihood loss module")
         options = dict(preset.options)
         return MethodOptimizer(
             model,
@@ -209,7 +209,7 @@ def make_optimizer(
             **options,
         )
     known = ", ".join(("mbf", "adam", "sgdm", "kfac", "shampoo", *GENERIC_OPTIMIZERS))
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {known}")
+    raise ConfigError(f"unknown optimizer {name!r}; choose one of {known}")
 
 
 def run_name(optimizer: str, preset: Preset, seed: int) -> str:
@@ -254,16 +254,16 @@ def _check_limits(
     time_budget: float | None, epochs: int | None, max_steps: int | None, budget_clock: str
 ) -> None:
     if time_budget is None and epochs is None and max_steps is None:
-        raise ValueError("give time_budget (seconds) or epochs (or max_steps) to end the run")
+        raise ConfigError("give time_budget (seconds) or epochs (or max_steps) to end the run")
     if time_budget is not None and not (math.isfinite(time_budget) and time_budget > 0):
-        raise ValueError(f"time_budget must be a positive number of seconds, got {time_budget}")
+        raise ConfigError(f"time_budget must be a positive number of seconds, got {time_budget}")
     for name, value in (("epochs", epochs), ("max_steps", max_steps)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if value is not None and value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value}")
+            raise ConfigError(f"{name} must be a positive integer, got {value}")
     if budget_clock not in BUDGET_CLOCKS:
-        raise ValueError(f"budget_clock must be one of {BUDGET_CLOCKS}, got {budget_clock!r}")
+        raise ConfigError(f"budget_clock must be one of {BUDGET_CLOCKS}, got {budget_clock!r}")
 
 
 class _Clock:
@@ -689,18 +689,18 @@ def train(
     problem = get_problem(problem)
     if batch_size is not None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         problem = replace(problem, batch_size=batch_size)
     preset = get_preset(
         problem, optimizer, lr=lr, damping=damping, weight_decay=weight_decay, presets=presets
     )
     _check_limits(time_budget, epochs, max_steps, budget_clock)
     if eval_samples is not None and eval_samples < 1:
-        raise ValueError(f"eval_samples must be a positive integer, got {eval_samples}")
+        raise ConfigError(f"eval_samples must be a positive integer, got {eval_samples}")
     if checkpoint_every is not None and checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every}")
+        raise ConfigError(f"checkpoint_every must be a positive integer, got {checkpoint_every}")
     if resume and checkpoint_dir is None:
-        raise ValueError("resume=True needs checkpoint_dir, the folder of the run's checkpoints")
+        raise ConfigError("resume=True needs checkpoint_dir, the folder of the run's checkpoints")
     if checkpoint_dir is not None and csv_path is None:
         csv_path = Path(checkpoint_dir) / "train_log.csv"
     # The first step of any torch.optim optimizer imports TorchDynamo (about a second); import
@@ -710,7 +710,7 @@ def train(
     if dataset is None:
         dataset = load_dataset(problem.dataset, data_dir)
     if dataset.name != problem.dataset:
-        raise ValueError(
+        raise ConfigError(
             f"problem {problem.name!r} trains on {problem.dataset!r}, got data set {dataset.name!r}"
         )
     options = {
@@ -750,7 +750,7 @@ def train(
             if resume:
                 keep_rows(csv_path, run.run, 0)
             elif (earlier.run == run.run).any():
-                raise ValueError(
+                raise ConfigError(
                     f"{csv_path} already holds rows of run {run.run!r}; resume it "
                     "(resume=True with its checkpoint_dir) or log to another file"
                 )

@@ -74,6 +74,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from mbf_analysis.errors import ConfigError
 from mbf_analysis.methods import TWO_LEVEL_VARIANT, resolve, variants
 from mbf_analysis.methods.mbf import DEFAULT_SPATIAL_THRESHOLD, SpatialAveraging
 from mbf_analysis.methods.two_level import COARSE_SPACES
@@ -120,7 +121,7 @@ def two_level_variant(coarse: str) -> str:
     """The optimizer name of two-level KFAC with coarse space ``coarse``:
     ``"kfac-two-level-<coarse>"`` (``"kfac-two-level"`` itself has the default, nicolaides)."""
     if coarse not in COARSE_SPACES:
-        raise ValueError(
+        raise ConfigError(
             f"unknown coarse space {coarse!r}; choose one of {', '.join(COARSE_SPACES)}"
         )
     return TWO_LEVEL_VARIANT.format(coarse=coarse)
@@ -138,7 +139,7 @@ def split_optimizer(name: str) -> tuple[str, dict[str, Any]]:
         return name, {}
     if name in variants():
         return resolve(name)
-    raise ValueError(
+    raise ConfigError(
         f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)} "
         f"(and {', '.join(variants())})"
     )
@@ -502,12 +503,12 @@ def get_preset(
     problem = get_problem(problem)
     optimizer, extra = split_optimizer(optimizer)
     if presets not in PRESET_SETS:
-        raise ValueError(f"unknown preset set {presets!r}; choose one of {', '.join(PRESET_SETS)}")
+        raise ConfigError(f"unknown preset set {presets!r}; choose one of {', '.join(PRESET_SETS)}")
     key = (problem.name, optimizer)
     if key not in PRESETS:
         where = sorted(p for p, o in PRESETS if o == optimizer)
         why = " (it preconditions Linear layers only)" if optimizer in GENERIC_OPTIMIZERS else ""
-        raise ValueError(
+        raise ConfigError(
             f"no preset for optimizer {optimizer!r} on problem {problem.name!r}{why}; it has "
             f"presets for {', '.join(where)}"
         )
@@ -516,16 +517,16 @@ def get_preset(
         preset = replace(preset, options={**preset.options, **extra})
     if lr is not None:
         if not lr > 0:
-            raise ValueError(f"lr must be positive, got {lr}")
+            raise ConfigError(f"lr must be positive, got {lr}")
         preset = replace(preset, lr=lr)
     if damping is not None:
         if optimizer == "sgdm":
-            raise ValueError("sgdm has no damping; leave damping unset for it")
+            raise ConfigError("sgdm has no damping; leave damping unset for it")
         if not damping > 0:
-            raise ValueError(f"damping must be positive, got {damping}")
+            raise ConfigError(f"damping must be positive, got {damping}")
         preset = replace(preset, damping=damping)
     if weight_decay is not None:
         if not weight_decay >= 0:
-            raise ValueError(f"weight_decay must be 0 or more, got {weight_decay}")
+            raise ConfigError(f"weight_decay must be 0 or more, got {weight_decay}")
         preset = replace(preset, weight_decay=weight_decay)
     return preset

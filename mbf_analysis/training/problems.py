@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mbf_analysis.errors import ConfigError
+
 __all__ = [
     "PROBLEMS",
     "Problem",
@@ -208,7 +210,7 @@ def get_problem(name: str | Problem) -> Problem:
     if isinstance(name, Problem):
         return name
     if name not in PROBLEMS:
-        raise ValueError(f"unknown problem {name!r}; choose one of {', '.join(PROBLEMS)}")
+        raise ConfigError(f"unknown problem {name!r}; choose one of {', '.join(PROBLEMS)}")
     return PROBLEMS[name]
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import pandas as pd
 
 from mbf_analysis.data import Dataset, load_dataset
+from mbf_analysis.errors import ConfigError
 from mbf_analysis.training.loop import TrainingDiverged, train
 from mbf_analysis.training.presets import GRIDS, OPTIMIZERS, get_preset, split_optimizer
 from mbf_analysis.training.problems import Problem, get_problem
@@ -57,7 +58,7 @@ SUMMARY_COLUMNS = (
 
 def _check_optimizers(optimizers: Sequence[str]) -> None:
     if not optimizers:
-        raise ValueError(f"no optimizer given; choose from {', '.join(OPTIMIZERS)}")
+        raise ConfigError(f"no optimizer given; choose from {', '.join(OPTIMIZERS)}")
     for name in optimizers:
         split_optimizer(name)
 
@@ -103,7 +104,7 @@ def compare(
     if seeds is None:
         seeds = [kwargs.pop("seed", 0)]
     elif "seed" in kwargs:
-        raise ValueError("give either seed or seeds, not both")
+        raise ConfigError("give either seed or seeds, not both")
     if dataset is None:
         dataset = load_dataset(problem.dataset, data_dir)
     frames = [
