@@ -4,7 +4,7 @@ Two measurements in one process, float32, one torch thread, random data (timing 
 
 1. **Error evaluation of the 1001 × 1000 layer.** ``nn.Linear(1000, 1000)`` (``a = 1001``,
    ``g = 1000``, ``d ≈ 10⁶``, far beyond a dense ``F``) of a 1000-1000-10 sigmoid MLP,
-   cross-entropy, 128 samples, ``fisher="true"``: one
+   cross-entropy, 128 samples, ``fisher="mc"``: one
    :func:`~mbf_analysis.analysis.approximation_errors` call per method (collection pass,
    one-shot update with its inverse, the factored error, and with ``top_k=10`` the leading
    singular values), ratio to the same call for KFAC; ``collect`` alone for scale.
@@ -156,7 +156,7 @@ def render(errors: list[dict], updates: list[dict], args: argparse.Namespace) ->
         f"- command: `python {' '.join(sys.argv)}`; medians of {args.rounds} round(s) after "
         "one untimed warm-up.",
         "",
-        "## 1. One error evaluation of the 1001 × 1000 layer (128 samples, fisher='true')",
+        "## 1. One error evaluation of the 1001 × 1000 layer (128 samples, fisher='mc')",
         "",
         "Ratio to `approximation_errors` of KFAC alone with `top_k=0`; each call includes its "
         "own collection pass.",

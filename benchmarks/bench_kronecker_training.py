@@ -236,7 +236,7 @@ def bench_apply(args: argparse.Namespace, dataset) -> list[dict]:
     rows = []
     for name in ("deflation", "lanczos", "kfac-corrected"):
         method = methods.get(
-            name, damping=0.3, fisher="true", stat_period=1, inverse_period=1, decay=0.95
+            name, damping=0.3, fisher="mc", stat_period=1, inverse_period=1, decay=0.95
         )
         gen = torch.Generator().manual_seed(args.seed)
         for j in range(1, counts[-1] + 1):

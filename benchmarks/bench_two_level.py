@@ -53,7 +53,7 @@ from mbf_analysis.models import build_model, mnist_autoencoder
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SAME_WORK = {
     "one_shot": False,
-    "method_options": {"kfac": {"fisher": "true"}, "kfac-two-level": {"fisher": "true"}},
+    "method_options": {"kfac": {"fisher": "mc"}, "kfac-two-level": {"fisher": "mc"}},
 }
 """Settings that leave the compared methods' work as in the BDF-reference run."""
 COSINE_RUNS = {
@@ -114,7 +114,7 @@ def bench_directions(data_dir: Path, rounds: int, repeats: int) -> dict:
     model = mnist_autoencoder()
     images = load_dataset("mnist", data_dir).train_x[:512].flatten(1)
     loss_fn = nn.BCEWithLogitsLoss()
-    settings = {"damping": 0.01, "fisher": "true"}
+    settings = {"damping": 0.01, "fisher": "mc"}
     built = {"kfac": methods.get("kfac", **settings)}
     for coarse in COARSE_SPACES:
         built[coarse] = methods.get("kfac-two-level", coarse=coarse, **settings)

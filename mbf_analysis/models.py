@@ -190,14 +190,24 @@ def simple_cnn(in_channels: int = 1, num_classes: int = 10, image_size: int = 28
     )
 
 
-def autoencoder(widths: Sequence[int], activation: str | type[nn.Module] = "relu") -> nn.Sequential:
-    """Deep autoencoder ``flatten, fc1, act1, ..., fcK`` with a linear code layer.
+def autoencoder(
+    widths: Sequence[int],
+    activation: str | type[nn.Module] = "relu",
+    code_activation: str | type[nn.Module] | None = None,
+) -> nn.Sequential:
+    """Deep autoencoder ``flatten, fc1, act1, ..., fcK``, with a linear code layer by default.
 
     ``fc_k = nn.Linear(widths[k-1], widths[k])``. The code layer is the linear layer whose output
-    is the narrowest inner width (``30`` for MNIST/FACES, ``6`` for CURVES); no activation follows
-    it, and none follows the output layer: the model returns logits. Activation modules are
-    named after the linear layer they follow (``act{k}`` after ``fc{k}``), so the code layer's
-    index is skipped.
+    is the narrowest inner width (``30`` for MNIST/FACES, ``6`` for CURVES). As in Hinton &
+    Salakhutdinov (2006) no activation follows it unless ``code_activation`` is given; none
+    follows the output layer: the model returns logits. Activation modules are named after the
+    linear layer they follow (``act{k}`` after ``fc{k}``), so without a code activation the code
+    layer's index is skipped.
+
+    ``code_activation="relu"`` gives the network of the KPSVD and two-level KFAC papers' public
+    code (``apps/mlp_cnn/models.py`` of Abdoulaye-Koroko/natural-gradients: ``nn.Linear(250, 30),
+    nn.ReLU()`` on MNIST), whose dead code units make the input of the next layer non-negative
+    and low-rank.
 
     The loss is applied outside: ``nn.BCEWithLogitsLoss`` for MNIST and CURVES (pixels in
     ``[0, 1]``), ``nn.MSELoss`` for FACES (METHODS.md §1 uses ½‖f − y‖² per sample).
@@ -205,6 +215,8 @@ def autoencoder(widths: Sequence[int], activation: str | type[nn.Module] = "relu
     Args:
         widths: ``[d_0, ..., d_K]`` with at least one inner width; ``d_0`` is the input size.
         activation: Hidden activation (default ReLU), as in :func:`mlp`.
+        code_activation: Activation after the code layer (``act{code}``), or ``None`` for a
+            linear code.
 
     Returns:
         ``nn.Sequential`` mapping ``[N, *]`` (flattened to ``[N, d_0]``, so ``[N, 1, 28, 28]``
@@ -219,34 +231,45 @@ def autoencoder(widths: Sequence[int], activation: str | type[nn.Module] = "relu
         layers[f"fc{k}"] = nn.Linear(widths[k - 1], widths[k])
         if k < num_linear and k != code:
             layers[f"act{k}"] = _make_activation(activation)
+        elif k == code and code_activation is not None:
+            layers[f"act{k}"] = _make_activation(code_activation)
     return nn.Sequential(layers)
 
 
-def mnist_autoencoder() -> nn.Sequential:
+def mnist_autoencoder(code_activation: str | type[nn.Module] | None = None) -> nn.Sequential:
     """MNIST autoencoder 784-1000-500-250-30-250-500-1000-784 (loss: BCE-with-logits).
+
+    Args:
+        code_activation: As in :func:`autoencoder` (``"relu"``: the KPSVD papers' network).
 
     Returns:
         ``nn.Sequential`` mapping ``[N, 784]`` or ``[N, 1, 28, 28]`` to logits ``[N, 784]``.
     """
-    return autoencoder(MNIST_AE_WIDTHS)
+    return autoencoder(MNIST_AE_WIDTHS, code_activation=code_activation)
 
 
-def faces_autoencoder() -> nn.Sequential:
+def faces_autoencoder(code_activation: str | type[nn.Module] | None = None) -> nn.Sequential:
     """FACES autoencoder 625-2000-1000-500-30-500-1000-2000-625 (loss: MSE).
+
+    Args:
+        code_activation: As in :func:`autoencoder`.
 
     Returns:
         ``nn.Sequential`` mapping ``[N, 625]`` or ``[N, 1, 25, 25]`` to ``[N, 625]``.
     """
-    return autoencoder(FACES_AE_WIDTHS)
+    return autoencoder(FACES_AE_WIDTHS, code_activation=code_activation)
 
 
-def curves_autoencoder() -> nn.Sequential:
+def curves_autoencoder(code_activation: str | type[nn.Module] | None = None) -> nn.Sequential:
     """CURVES autoencoder 784-400-200-100-50-25-6-25-50-100-200-400-784 (loss: BCE-with-logits).
+
+    Args:
+        code_activation: As in :func:`autoencoder`.
 
     Returns:
         ``nn.Sequential`` mapping ``[N, 784]`` or ``[N, 1, 28, 28]`` to logits ``[N, 784]``.
     """
-    return autoencoder(CURVES_AE_WIDTHS)
+    return autoencoder(CURVES_AE_WIDTHS, code_activation=code_activation)
 
 
 class ShortcutA(nn.Module):

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 DT = torch.float64
 M = 8
-REFERENCE_KIND = {"empirical": "empirical", "exact": "exact", "true": "mc"}
+REFERENCE_KIND = {"empirical": "empirical", "exact": "exact", "mc": "mc"}
 
 
 def _problem(seed=0, widths=(5, 6, 4), m=M):
@@ -70,7 +70,7 @@ def _kfac_order(layout, F):
     return F[inverse][:, inverse].reshape(a, g, a, g)
 
 
-@pytest.mark.parametrize("fisher", ["true", "empirical", "exact"])
+@pytest.mark.parametrize("fisher", ["mc", "empirical", "exact"])
 def test_errors_match_dense_ground_truth(fisher):
     model, x, y = _problem()
     frame = _errors(model, x, y, fisher=fisher, method_options={"lanczos": {"lanczos_steps": 9}})
@@ -114,7 +114,7 @@ def test_errors_match_dense_ground_truth(fisher):
             assert row.singular_error["kfac"] == pytest.approx(expected, rel=1e-10)
 
 
-@pytest.mark.parametrize("fisher", ["true", "empirical", "exact"])
+@pytest.mark.parametrize("fisher", ["mc", "empirical", "exact"])
 @pytest.mark.parametrize("threshold", [None, 1])  # no spatial averaging / every layer averaged
 def test_factored_path_equals_the_dense_path(fisher, threshold):
     model, x, y = _problem(1)
@@ -164,7 +164,7 @@ def _scale_free(F, approx):
     return alpha, float(torch.linalg.matrix_norm(F - alpha * approx) / torch.linalg.matrix_norm(F))
 
 
-@pytest.mark.parametrize("fisher", ["true", "exact"])
+@pytest.mark.parametrize("fisher", ["mc", "exact"])
 @pytest.mark.parametrize("max_dense_dim", [2048, 0], ids=["dense", "factored"])
 @pytest.mark.parametrize("network", ["mlp", "cnn"])
 def test_scale_and_scaled_error_match_dense_ground_truth(network, max_dense_dim, fisher):
@@ -262,8 +262,10 @@ def test_bad_requests_are_refused_by_name():
     model, x, y = _problem()
     with pytest.raises(ValueError, match="methods must be distinct names"):
         _errors(model, x, y, ["shampoo"])
+    with pytest.raises(ValueError, match="fisher must be one of .*'true' is now spelled 'mc'"):
+        _errors(model, x, y, fisher="true")
     with pytest.raises(ValueError, match="fisher must be one of"):
-        _errors(model, x, y, fisher="mc")
+        _errors(model, x, y, fisher="ggn")
     with pytest.raises(ValueError, match="sets 'fisher'"):
         _errors(model, x, y, ["kfac"], method_options={"kfac": {"fisher": "empirical"}})
     with pytest.raises(ValueError, match="not compared"):
@@ -333,7 +335,7 @@ def test_trajectory_records_every_few_iterations_while_adam_trains():
 def test_trajectory_resumes_identically_from_a_state_dict():
     model, _, _ = _problem(6)
     x, y = _data()
-    config = ApproximationConfig(fisher="true", **CONFIG)
+    config = ApproximationConfig(fisher="mc", **CONFIG)
     straight = ApproximationRun(copy.deepcopy(model), nn.CrossEntropyLoss(), x, y, config)
     whole = straight.run(progress=False)
     first = ApproximationRun(copy.deepcopy(model), nn.CrossEntropyLoss(), x, y, config)

@@ -54,7 +54,7 @@ def test_a_run_writes_every_file_with_the_librarys_values(tmp_path, capsys):
     )
     record = json.loads((out / "run.json").read_text())
     assert record["command"] == "error" and record["status"] == "complete"
-    assert record["settings"]["fisher"] == "true" and record["settings"]["trajectory"] == "adam"
+    assert record["settings"]["fisher"] == "mc" and record["settings"]["trajectory"] == "adam"
     for name in ("error.png", "error.pdf", "error_state.pt"):
         assert (out / name).stat().st_size > 0
     printed = capsys.readouterr().out
@@ -135,7 +135,7 @@ def test_the_papers_autoencoder_setting_on_real_mnist(tmp_path):
     ours = rows[rows.iteration == 0].set_index("method").error
     assert ours["deflation"] <= ours["kpsvd"] + 1e-9 <= ours["kfac"] + 2e-9
     settings = json.loads((out / "run.json").read_text())["settings"]
-    assert settings["batch_size"] == 512 and settings["fisher"] == "true"
+    assert settings["batch_size"] == 512 and settings["fisher"] == "mc"
     assert settings["model"] == "mnist-ae" and settings["dtype"] == "float32"
 
 

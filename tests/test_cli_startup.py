@@ -24,6 +24,9 @@ HEAVY = ("torch", "numpy", "pandas", "scipy", "seaborn", "matplotlib", "backpack
 def test_the_light_name_lists_equal_the_registries():
     assert choices.DATASETS == tuple(datafiles.dataset_names())
     assert choices.MODELS == tuple(models.model_names())
+    assert choices.ACTIVATIONS == tuple(models.ACTIVATIONS)
+    autoencoders = [p.name for p in training.PROBLEMS.values() if p.is_autoencoder]
+    assert set(choices.AUTOENCODERS) == set(autoencoders)
     assert choices.METHODS == tuple(methods.names())
     assert choices.PROBLEMS == tuple(training.problem_names())
     assert choices.PROBLEM_DATA == {p.name: p.dataset for p in training.PROBLEMS.values()}

@@ -581,8 +581,8 @@ def test_method_options_take_precedence_over_the_reference_fisher():
         methods=["kfac", "kpsvd"],
         reference="full",
         fisher="exact",
-        method_options={"kpsvd": {"fisher": "true"}},
+        method_options={"kpsvd": {"fisher": "mc"}},
     )
     built = config.build_methods()
-    assert built["kfac"].config.fisher == "exact" and built["kpsvd"].config.fisher == "true"
-    assert CosineConfig(methods=["kfac"]).build_methods()["kfac"].config.fisher == "true"
+    assert built["kfac"].config.fisher == "exact" and built["kpsvd"].config.fisher == "mc"
+    assert CosineConfig(methods=["kfac"]).build_methods()["kfac"].config.fisher == "mc"

@@ -45,7 +45,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 DT = torch.float64
 M = 6
-KINDS = {"empirical": KRON_SAMPLES, "true": KRON_SAMPLES_SAMPLED, "exact": KRON_SAMPLES_EXACT}
+KINDS = {"empirical": KRON_SAMPLES, "mc": KRON_SAMPLES_SAMPLED, "exact": KRON_SAMPLES_EXACT}
 TIGHT = {"tol": 1e-14, "max_iter": 2000}
 
 
@@ -112,7 +112,7 @@ def test_matrix_free_products_equal_the_dense_rearrangement(kind, layer):
 def test_the_per_sample_fisher_is_the_layer_fisher_block(kind):
     model, x, y, stats = _stats()
     layouts = model_layouts(model)
-    reference_kind = {"empirical": "empirical", "exact": "exact", "true": "mc"}[kind]
+    reference_kind = {"empirical": "empirical", "exact": "exact", "mc": "mc"}[kind]
     gen = torch.Generator().manual_seed(0)  # the same labels as the collection pass
     blocks = layer_fisher(
         model, nn.CrossEntropyLoss(), x, y, kind=reference_kind, generator=gen, mc_samples=1
@@ -211,7 +211,7 @@ def test_lanczos_ritz_pairs_and_many_steps_equal_deflation(kind, layer):
 
 @pytest.mark.parametrize("name", APPROXIMATIONS)
 def test_pairs_are_signed_so_that_tr_a_is_positive_and_solvers_agree_with_warm_starts(name):
-    samples = _samples("true", "0")
+    samples = _samples("mc", "0")
     gen = torch.Generator().manual_seed(5)
     warm = tuple((lambda r: r @ r.T)(torch.randn(4, 4, generator=gen, dtype=DT)) for _ in range(2))
     gram = kronecker_approximation(samples, name, warm=warm, solver="gram")
@@ -226,7 +226,7 @@ def test_pairs_are_signed_so_that_tr_a_is_positive_and_solvers_agree_with_warm_s
 
 
 def test_float32_gram_iteration_matches_float64():
-    samples = _samples("true", "0")
+    samples = _samples("mc", "0")
     single = KronSamples(samples.a.float(), samples.delta.float())
     for name in APPROXIMATIONS:
         double = kronecker_approximation(samples, name).factors

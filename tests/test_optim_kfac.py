@@ -193,7 +193,7 @@ def test_true_fisher_factors_and_directions_match_methods_kfac(mode):
     )
     method = methods.get(
         "kfac",
-        fisher="true",
+        fisher="mc",
         damping_mode=mode,
         stat_period=2,
         inverse_period=3,

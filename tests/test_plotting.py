@@ -193,7 +193,7 @@ def test_heatmap_grid_zooms_into_matrices_with_many_blocks():
     fig = plot_heatmap_grid(
         {"conv2 input channel 1": big, "fc3": small},
         {"conv2 input channel 1": [5] * 64, "fc3": [4] * 3},
-        suptitle="|(F + λI)⁻¹| of the true Fisher (computed exactly)",
+        suptitle="|(F + λI)⁻¹| of the exact Fisher (the true Fisher in closed form)",
     )
     panels = [ax for ax in fig.axes if ax.axison and ax.get_title()]
     titles = [ax.get_title() for ax in panels]

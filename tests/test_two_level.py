@@ -46,7 +46,7 @@ DT = torch.float64
 M = 7
 LAMBDA = 0.05
 LAYERS = ("0", "2", "4")
-KINDS = {"empirical": KRON_SAMPLES, "true": KRON_SAMPLES_SAMPLED, "exact": KRON_SAMPLES_EXACT}
+KINDS = {"empirical": KRON_SAMPLES, "mc": KRON_SAMPLES_SAMPLED, "exact": KRON_SAMPLES_EXACT}
 RESIDUAL_FORM = [c for c in COARSE_SPACES if c != "tselepidis"]
 
 
@@ -99,7 +99,7 @@ def _truth(model, x, y, kind, seed=0):
     nabla = real.mean(0)
     if kind == "empirical":
         return real.T @ real / M, nabla
-    if kind == "true":
+    if kind == "mc":
         probs = torch.softmax(model(x).detach(), dim=1)
         y_hat = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed))
         sampled = rows_for(y_hat.squeeze(1))
@@ -456,7 +456,7 @@ def test_a_block_diagonal_kronecker_fisher_leaves_zeta0_unchanged(coarse):
 # ----------------------------------------------------------------------------- the method
 def test_needs_follow_the_fisher_and_the_periods():
     expected = {
-        "true": (KFAC_FACTORS_SAMPLED, KRON_SAMPLES_SAMPLED),
+        "mc": (KFAC_FACTORS_SAMPLED, KRON_SAMPLES_SAMPLED),
         "empirical": (KFAC_FACTORS, KRON_SAMPLES),
         "exact": (KFAC_FACTORS_EXACT, KRON_SAMPLES_EXACT),
     }

@@ -7,7 +7,7 @@ For a Linear layer with the per-sample factors of one batch
 
     F = \frac{1}{m} \sum_{n=1}^{m} (\bar a_n \bar a_n^\top) \otimes \Gamma_n
 
-of the kind ``fisher`` (``"true"``: ``Γ_n = δ̂_n δ̂_nᵀ`` with one label sampled from the model
+of the kind ``fisher`` (``"mc"``: ``Γ_n = δ̂_n δ̂_nᵀ`` with one label sampled from the model
 per input, the Kronecker-SVD papers' Fisher; ``"empirical"``: real labels; ``"exact"``: the
 ``C`` rows of the square-root GGN). Every method approximates the Fisher *of the same kind* from
 the same collection pass (the same sampled labels), in its one-shot form (this batch only). Per
@@ -110,6 +110,7 @@ from mbf_analysis.errors import (
     UnknownNameError,
     UnsupportedModuleError,
 )
+from mbf_analysis.fisher_kinds import OLD_SPELLINGS, check_fisher_kind
 from mbf_analysis.layout import LayerLayout, model_layouts
 from mbf_analysis.methods import KFAC, MBF, BlockPlan, KroneckerSVD, Method
 from mbf_analysis.methods.kronecker_svd import sample_grams
@@ -168,7 +169,7 @@ or ``"factored"``)."""
 TRAJECTORY_COLUMNS: tuple[str, ...] = ("iteration", "loss", *ERROR_COLUMNS)
 """Columns of :class:`ApproximationRun`'s records."""
 
-_KINDS = {"true": KRON_SAMPLES_SAMPLED, "empirical": KRON_SAMPLES, "exact": KRON_SAMPLES_EXACT}
+_KINDS = {"mc": KRON_SAMPLES_SAMPLED, "empirical": KRON_SAMPLES, "exact": KRON_SAMPLES_EXACT}
 _WITH_FISHER = frozenset({"kfac", "kpsvd", "deflation", "lanczos", "kfac-corrected"})
 _FROM_REFERENCE = frozenset({"mbf-exact", "bdf"})
 _MAX_KERNEL = 4096
@@ -405,8 +406,7 @@ def _check_names(methods: Sequence[str] | str) -> tuple[str, ...]:
 
 
 def _check_fisher(fisher: str) -> None:
-    if fisher not in _KINDS:
-        raise ConfigError(f"fisher must be one of {tuple(_KINDS)}, got {fisher!r}.")
+    check_fisher_kind(fisher, "fisher", tuple(_KINDS))
 
 
 def _linear_layers(layouts: Mapping[str, LayerLayout], layers: Sequence[str] | None) -> list[str]:
@@ -539,7 +539,7 @@ def approximation_errors(
     targets: Tensor,
     methods: Sequence[str] | str = DEFAULT_APPROXIMATIONS,
     *,
-    fisher: str = "true",
+    fisher: str = "mc",
     layers: Sequence[str] | str | None = None,
     top_k: int = 10,
     max_dense_dim: int = 2048,
@@ -562,7 +562,7 @@ def approximation_errors(
         inputs: ``[m, *in_shape]``.
         targets: ``[m]`` or ``[m, *out_shape]``.
         methods: Names from :data:`APPROXIMATED` (default :data:`DEFAULT_APPROXIMATIONS`).
-        fisher: ``"true"``, ``"empirical"`` or ``"exact"``: the kind of the reference and of
+        fisher: ``"mc"``, ``"empirical"`` or ``"exact"``: the kind of the reference and of
             every method's Fisher.
         layers: Linear layers to compare (default: every Linear layer).
         top_k: Number of leading singular values compared (0: skip, ``singular_error`` NaN).
@@ -683,7 +683,7 @@ class ApproximationConfig:
 
     Attributes:
         methods: Names from :data:`APPROXIMATED`.
-        fisher: ``"true"``, ``"empirical"`` or ``"exact"``.
+        fisher: ``"mc"``, ``"empirical"`` or ``"exact"``.
         iterations: Training iterations :meth:`ApproximationRun.run` does by default.
         every: Errors are recorded at iterations ``k ≡ 0 (mod every)``, before the step.
         batch_size: Training minibatch size ``m``.
@@ -702,7 +702,7 @@ class ApproximationConfig:
     """
 
     methods: Sequence[str] = DEFAULT_APPROXIMATIONS
-    fisher: str = "true"
+    fisher: str = "mc"
     iterations: int = 1000
     every: int = 100
     batch_size: int = 512
@@ -954,7 +954,9 @@ class ApproximationRun:
         Raises:
             ValueError: If the state was saved with other methods or another optimizer.
         """
-        saved = state_dict["config"]
+        saved = dict(state_dict["config"])
+        if saved.get("fisher") in OLD_SPELLINGS:  # a state saved before the kinds were renamed
+            saved["fisher"] = OLD_SPELLINGS[saved["fisher"]]
         for key in ("methods", "optimizer"):
             ours = getattr(self.config, key)
             theirs = saved[key]

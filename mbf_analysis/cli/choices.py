@@ -5,13 +5,14 @@ import the numerical stack. Each tuple mirrors a registry of the library, in the
 order; ``tests/test_cli_startup.py`` checks that they stay equal:
 
 - :data:`DATASETS`: :func:`mbf_analysis.datafiles.dataset_names` (itself torch-free);
-- :data:`MODELS`: :func:`mbf_analysis.models.model_names`;
+- :data:`MODELS`: :func:`mbf_analysis.models.model_names`, and :data:`ACTIVATIONS` the keys of
+  :data:`mbf_analysis.models.ACTIVATIONS`;
 - :data:`METHODS`: :func:`mbf_analysis.methods.names`;
 - :data:`PROBLEMS`: :func:`mbf_analysis.training.problem_names`, and :data:`PROBLEM_DATA` the
   data set of each;
 - :data:`OPTIMIZERS`: :data:`mbf_analysis.training.OPTIMIZERS`, and :data:`PRESET_SETS` the keys
   of :data:`mbf_analysis.training.presets.PRESET_SETS`;
-- :data:`FISHER_KINDS`: :data:`mbf_analysis.curvature.FISHER_KINDS`;
+- :data:`FISHER_KINDS`: :data:`mbf_analysis.fisher_kinds.FISHER_KINDS` (the one vocabulary);
 - :data:`COARSE_SPACES`: :data:`mbf_analysis.methods.two_level.COARSE_SPACES`, and
   :data:`TWO_LEVEL_VARIANT` and :data:`TWO_LEVEL_VARIANTS`:
   :data:`mbf_analysis.methods.TWO_LEVEL_VARIANT` and :func:`mbf_analysis.methods.variants`.
@@ -20,6 +21,7 @@ order; ``tests/test_cli_startup.py`` checks that they stay equal:
 from __future__ import annotations
 
 from mbf_analysis.datafiles import dataset_names
+from mbf_analysis.fisher_kinds import FISHER_KINDS
 
 __all__ = [
     "COARSE_SPACES",
@@ -27,6 +29,8 @@ __all__ = [
     "FISHER_KINDS",
     "METHODS",
     "MODELS",
+    "ACTIVATIONS",
+    "AUTOENCODERS",
     "OPTIMIZERS",
     "PRESET_SETS",
     "PROBLEMS",
@@ -48,6 +52,11 @@ MODELS: tuple[str, ...] = (
     "vgg11-bn",
     "vgg16-bn",
 )
+
+ACTIVATIONS: tuple[str, ...] = ("relu", "tanh", "sigmoid", "elu", "leaky_relu", "selu")
+
+AUTOENCODERS: tuple[str, ...] = ("mnist-ae", "faces-ae", "curves-ae")
+"""The problems whose network is an autoencoder (``--code-activation`` applies to them)."""
 
 METHODS: tuple[str, ...] = (
     "sgdm",
@@ -112,5 +121,3 @@ TWO_LEVEL_VARIANTS: tuple[str, ...] = tuple(
 )
 """Two-level KFAC with one coarse space, as a method or optimizer name (``--coarse`` expands
 ``kfac-two-level`` to them)."""
-
-FISHER_KINDS: tuple[str, ...] = ("empirical", "exact", "mc")

@@ -10,11 +10,13 @@ need torch import it when they run.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from mbf_analysis.cli.choices import (
+    ACTIVATIONS,
     COARSE_SPACES,
     DATASETS,
     FISHER_KINDS,
@@ -22,6 +24,7 @@ from mbf_analysis.cli.choices import (
     TWO_LEVEL_VARIANT,
 )
 from mbf_analysis.datafiles import get_dataset_spec, locate
+from mbf_analysis.fisher_kinds import OLD_SPELLINGS
 
 if TYPE_CHECKING:
     import torch
@@ -65,6 +68,33 @@ def exit_stopped(err: KeyboardInterrupt, what: str) -> NoReturn:
 
 def csv_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def add_code_activation(parser: argparse.ArgumentParser) -> None:
+    """``--code-activation``: an activation after an autoencoder's code layer."""
+    parser.add_argument(
+        "--code-activation",
+        choices=ACTIVATIONS,
+        default=None,
+        help="an activation after the autoencoder's code layer (relu: the network of the KPSVD "
+        "and two-level KFAC papers' code; default: none, a linear code as in Hinton & "
+        "Salakhutdinov)",
+    )
+
+
+def fisher_kind(text: str) -> str:
+    """An argparse type: a Fisher kind (:mod:`mbf_analysis.fisher_kinds`); an old spelling
+    (``true``) is read as today's word with a one-line deprecation note on stderr."""
+    word = text.strip().lower()
+    if word in OLD_SPELLINGS:
+        new = OLD_SPELLINGS[word]
+        print(
+            f"mbf-analyze: note: '{text}' is deprecated as a Fisher kind; it is read as '{new}' "
+            f"(Monte-Carlo Fisher: labels sampled from the model). Write '{new}'.",
+            file=sys.stderr,
+        )
+        return new
+    return word
 
 
 def coarse_list(text: str) -> list[str]:
@@ -172,8 +202,8 @@ def add_fisher_kinds(parser: argparse.ArgumentParser) -> None:
         type=csv_list,
         default=["empirical", "exact"],
         help=f"comma-separated Fisher kinds from {', '.join(FISHER_KINDS)}: empirical (EFM), "
-        "exact (the true Fisher, computed exactly) and mc (the true Fisher, Monte-Carlo) "
-        "(default: empirical,exact)",
+        "exact (the true Fisher in closed form) and mc (Monte-Carlo: the true Fisher from "
+        "labels sampled from the model) (default: empirical,exact)",
     )
     parser.add_argument(
         "--mc-samples", type=positive_int, default=1, help="labels drawn per input for kind mc"

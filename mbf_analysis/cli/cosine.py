@@ -181,7 +181,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=["empirical", "exact"],
         default=None,
         help="the F of --reference full (and of the compared methods with a Fisher setting): "
-        "empirical or exact (the true Fisher, the GGN) (default: empirical)",
+        "empirical or exact (the Fisher in closed form, the GGN; the KPSVD paper's 'exact Fisher') "
+        "(default: empirical)",
     )
     parser.add_argument(
         "--coarse",

@@ -4,8 +4,9 @@ a training trajectory (the Kronecker-SVD paper's figure;
 
 A torch optimizer (``--trajectory``, Adam by default, as in the paper) trains the network; every
 ``--every`` iterations, before the step, each method's one-shot matrix ``F̂`` of every chosen
-Linear layer is compared with that batch's Fisher block ``F`` of the kind ``--fisher`` (``true``:
-one label sampled from the model per input, the paper's Fisher; ``empirical``; ``exact``):
+Linear layer is compared with that batch's Fisher block ``F`` of the kind ``--fisher`` (``mc``:
+one label sampled from the model per input, the paper's Fisher; ``empirical``; ``exact``; see
+:mod:`mbf_analysis.fisher_kinds`; ``true`` is read as ``mc`` with a deprecation note):
 ``error = ‖F − F̂‖_F / ‖F‖_F``; ``scale = ⟨F, F̂⟩ / ‖F̂‖²_F``, the best multiple, and
 ``scaled_error = ‖F − scale·F̂‖_F / ‖F‖_F``, the error of the shape alone; and
 ``singular_error``, the relative error of the vector of the leading singular values. ``mbf`` is
@@ -36,16 +37,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mbf_analysis.cli.choices import DATASETS, MODELS, PROBLEM_DATA
+from mbf_analysis.cli.choices import AUTOENCODERS, DATASETS, MODELS, PROBLEM_DATA
 from mbf_analysis.cli.common import (
     DEFAULT_MODEL,
     UsageError,
+    add_code_activation,
     add_data_dir,
     add_download,
     add_out,
     add_threads,
     apply_threads,
     csv_list,
+    fisher_kind,
     positive_float,
     positive_int,
     require_data,
@@ -61,6 +64,7 @@ from mbf_analysis.cli.recording import (
     state_outputs,
 )
 from mbf_analysis.cli.run_folder import RunFolder
+from mbf_analysis.fisher_kinds import OLD_SPELLINGS
 from mbf_analysis.stopping import StopRequested, exit_code
 
 CSV_NAME = "error.csv"
@@ -88,10 +92,11 @@ MLP_PROBLEMS = ("mlp-digits", "mnist-ae", "curves-ae", "faces-ae")
 
 DEFAULTS: dict[str, Any] = {
     "problem": None,
+    "code_activation": None,
     "dataset": "digits",
     "model": None,
     "methods": ["kfac", "kpsvd", "deflation", "lanczos", "kfac-corrected", "mbf", "mbf-exact"],
-    "fisher": "true",
+    "fisher": "mc",
     "trajectory": "adam",
     "lr": 1e-3,
     "iterations": 300,
@@ -142,6 +147,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="a training problem (its data, network and loss); mnist-ae: the paper's setting "
         "(batch 512, one-sample MC Fisher)",
     )
+    add_code_activation(parser)
     parser.add_argument("--dataset", choices=DATASETS, default=None, help="data set (digits)")
     parser.add_argument(
         "--model", choices=MODELS, default=None, help="network (default: the data set's)"
@@ -157,10 +163,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--fisher",
-        choices=["true", "empirical", "exact"],
+        type=fisher_kind,
+        choices=["mc", "empirical", "exact"],
         default=None,
-        help="the Fisher of the reference and of every method: true (one label sampled from "
-        "the model per input, the paper's), empirical (real labels) or exact (default: true)",
+        help="the Fisher of the reference and of every method: mc (Monte-Carlo: one label "
+        "sampled from the model per input, the papers' 'true Fisher'), empirical (real labels) "
+        "or exact (closed form) (default: mc; 'true' is read as mc, deprecated)",
     )
     parser.add_argument(
         "--trajectory",
@@ -227,6 +235,11 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         )
     if settings["seed"] < 0:
         raise UsageError(f"--seed {settings['seed']}: must be 0 or more")
+    if settings["code_activation"] is not None and settings["problem"] not in AUTOENCODERS:
+        raise UsageError(
+            "--code-activation applies to the autoencoder problems: give --problem "
+            f"{' or '.join(AUTOENCODERS)}"
+        )
     fisher_batch = settings["fisher_batch_size"]
     if fisher_batch is not None and fisher_batch > settings["batch_size"]:
         raise UsageError(
@@ -237,7 +250,9 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def _default_out(settings: dict[str, Any]) -> Path:
     if settings["problem"] is not None:
-        return Path("runs") / f"error-{settings['problem']}"
+        code = settings["code_activation"]
+        suffix = "" if code is None else f"-{code}-code"
+        return Path("runs") / f"error-{settings['problem']}{suffix}"
     model = settings["model"] or DEFAULT_MODEL.get(settings["dataset"], "model")
     return Path("runs") / f"error-{settings['dataset']}-{model}"
 
@@ -265,7 +280,7 @@ def _problem_parts(settings: dict[str, Any], data_folder: str | None, device: st
             args, check=lambda built: check_layers(built, settings["layers"])
         )
         return dataset, model_name, model.train(), nn.CrossEntropyLoss(), dataset.train_y
-    problem = get_problem(settings["problem"])
+    problem = get_problem(settings["problem"]).with_code_activation(settings.get("code_activation"))
     torch.manual_seed(settings["seed"])
     model = build_model(problem.model, **problem.model_kwargs).to(device=device, dtype=dtype)
     check_layers(model, settings["layers"])
@@ -290,6 +305,22 @@ def _record(folder: RunFolder, settings, args, status: str, timings, data_folder
             "timings_s": timings,
         }
     )
+
+
+def _label(settings: dict[str, Any]) -> str | None:
+    """``mnist-ae``, ``mnist-ae (relu code)``, or ``None`` without ``--problem``."""
+    activation = settings.get("code_activation")
+    if settings["problem"] is None or activation is None:
+        return settings["problem"]
+    return f"{settings['problem']} ({activation} code)"
+
+
+def _current_kind(value: Any) -> Any:
+    """A ``fisher`` cell of an older ``error.csv`` in today's word (``true``, which pandas read
+    as the boolean ``True``, is ``mc``)."""
+    if value is True or (isinstance(value, str) and value.lower() == "true"):
+        return "mc"
+    return value
 
 
 def median_table(frame, value: str = "error"):
@@ -319,6 +350,7 @@ def run(args: argparse.Namespace) -> None:
     record = folder.claim(resume=args.resume, overwrite=args.overwrite)
     if record is not None:
         settings = resumed_settings(record, folder, STATE_NAME, _given(args))
+        settings["fisher"] = OLD_SPELLINGS.get(settings["fisher"], settings["fisher"])
         data_dir = args.data_dir or record.get("data_folder")
     else:
         settings, data_dir = given, args.data_dir
@@ -370,6 +402,7 @@ def run(args: argparse.Namespace) -> None:
     if record is not None:
         load_state(out / STATE_NAME, analysis, device)
         previous = recorded_rows(out / CSV_NAME, TRAJECTORY_COLUMNS, analysis.iteration)
+        previous["fisher"] = previous["fisher"].map(_current_kind)
         print(f"resuming {out} at iteration {analysis.iteration} of {config.iterations}")
     else:
         previous = pd.DataFrame(columns=list(TRAJECTORY_COLUMNS))
@@ -381,7 +414,7 @@ def run(args: argparse.Namespace) -> None:
     loaded = time.perf_counter()
     timings: dict[str, float] = {"load": loaded - start}
     _record(folder, settings, args, "running", timings, data_folder)
-    what = settings["problem"] or f"{model_name} on {dataset.name}"
+    what = _label(settings) or f"{model_name} on {dataset.name}"
     print(
         f"Fisher-approximation errors along {settings['trajectory']} (lr {config.lr:g}): {what}, "
         f"{remaining} iterations of batch {config.batch_size}, every {config.every}, "

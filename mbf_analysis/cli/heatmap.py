@@ -26,6 +26,7 @@ from mbf_analysis.cli.common import (
 )
 from mbf_analysis.cli.pretraining import add_pretraining, claim_folder, pretrain, stopped
 from mbf_analysis.cli.run_folder import RunFolder
+from mbf_analysis.fisher_kinds import DESCRIPTIONS
 
 if TYPE_CHECKING:
     from torch import nn
@@ -41,12 +42,8 @@ OUTPUTS = (
 )
 """Every file ``heatmap`` may write into ``--out``."""
 
-KIND_TITLES = {
-    "empirical": "empirical Fisher (EFM)",
-    "exact": "true Fisher (computed exactly)",
-    "mc": "true Fisher (Monte-Carlo)",
-}
-"""How titles and tables name each Fisher kind (``exact`` is the true Fisher, not an exact EFM)."""
+KIND_TITLES = DESCRIPTIONS
+"""How titles and tables name each Fisher kind (:mod:`mbf_analysis.fisher_kinds`)."""
 
 DEFAULT_EPOCHS = {"digits": 30, "mnist16": 50, "mnist": 2, "fashion-mnist": 2}
 """Pretraining epochs by data set (1 for others); mnist16: the paper's 50."""

@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from mbf_analysis.cli.choices import (
+    AUTOENCODERS,
     COARSE_SPACES,
     OPTIMIZERS,
     PRESET_SETS,
@@ -32,6 +33,7 @@ from mbf_analysis.cli.choices import (
 )
 from mbf_analysis.cli.common import (
     UsageError,
+    add_code_activation,
     add_data_dir,
     add_download,
     add_out,
@@ -71,6 +73,7 @@ OUTPUTS = (
 
 TRAJECTORY = (
     "problem",
+    "code_activation",
     "presets",
     "optimizer",
     "coarse",
@@ -148,6 +151,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--problem", default=None, choices=PROBLEMS, help="the problem (required unless --resume)"
     )
+    add_code_activation(train)
     train.add_argument(
         "--optimizer",
         type=_optimizer_list,
@@ -360,6 +364,11 @@ def _announce_duration(settings: dict[str, Any]) -> None:
 def _check(settings: dict[str, Any]) -> None:
     if settings.get("problem") is None:
         raise UsageError("give --problem (or --resume --out DIR to continue a run)")
+    if settings.get("code_activation") is not None and settings["problem"] not in AUTOENCODERS:
+        raise UsageError(
+            f"--code-activation applies to the autoencoders ({', '.join(AUTOENCODERS)}), not "
+            f"to --problem {settings['problem']}"
+        )
     if all(settings.get(k) is None for k in ("time_budget", "epochs", "max_steps")):
         raise UsageError("give --time-budget SECONDS and/or --epochs N (or --max-steps N)")
     damping = settings.get("damping") is not None or settings.get("grid_damping") is not None
@@ -425,7 +434,7 @@ def run(args: argparse.Namespace) -> None:
 
     apply_threads(args.threads)
     device = parse_device(settings["device"])
-    problem = get_problem(settings["problem"])
+    problem = get_problem(settings["problem"]).with_code_activation(settings.get("code_activation"))
     presets = {
         optimizer: get_preset(
             problem,
@@ -588,7 +597,7 @@ def _compare(problem, settings, common, folder, compare, summarize, timings, loa
     timings["train"] = time.perf_counter() - loaded
     summary = summarize(log)
     seeds = ", ".join(str(s) for s in settings["seed"])
-    print(f"{problem.name}, seed{'s' if len(settings['seed']) > 1 else ''} {seeds}:")
+    print(f"{problem.label}, seed{'s' if len(settings['seed']) > 1 else ''} {seeds}:")
     shown = summary.drop(columns=["run", "problem", "initial_train_loss"], errors="ignore")
     if len(settings["seed"]) == 1:
         shown = shown.drop(columns=["seed"])
@@ -605,7 +614,7 @@ def _compare(problem, settings, common, folder, compare, summarize, timings, loa
             log,
             (clock, "epoch"),
             y="loss",
-            title=f"{problem.name}: training loss (minibatch, smoothed), seeds {seeds}"
+            title=f"{problem.label}: training loss (minibatch, smoothed), seeds {seeds}"
             + (f", budget {budget:g} s" if budget else ""),
         )
         written = save_figure(fig, folder.path / FIGURE_NAME)

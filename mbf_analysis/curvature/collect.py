@@ -300,7 +300,7 @@ class _KronRecorder:
                 f"the exact-Fisher statistics backpropagate {n_out} output-Hessian columns "
                 f"through {len(names)} layer(s) with {numel} output entries for the batch; "
                 f"that needs about {format_bytes(need)}, over the memory budget of "
-                f"{format_bytes(budget)}. Use fewer samples, fisher='true' (one sampled label "
+                f"{format_bytes(budget)}. Use fewer samples, fisher='mc' (one sampled label "
                 "per input), or raise the budget (memory_budget=..., $MBF_MEMORY_BUDGET)."
             )
         grad_outputs = roots.permute(2, 0, 1).reshape(n_out, *outputs.shape)

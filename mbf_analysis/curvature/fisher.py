@@ -53,6 +53,7 @@ from mbf_analysis.errors import (
     UnknownNameError,
     UnsupportedModuleError,
 )
+from mbf_analysis.fisher_kinds import FISHER_KINDS, check_fisher_kind
 from mbf_analysis.layout import LayerLayout
 from mbf_analysis.linalg import add_gram_
 
@@ -67,7 +68,6 @@ __all__ = [
 ]
 
 FisherKind = Literal["empirical", "exact", "mc"]
-FISHER_KINDS: tuple[str, ...] = ("empirical", "exact", "mc")
 
 
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -244,8 +244,7 @@ def fisher_rows(
     Yields:
         Module name → ``[R, d]`` rows in the layer's mini-block order.
     """
-    if kind not in FISHER_KINDS:
-        raise ConfigError(f"unknown Fisher kind {kind!r}; choose one of {FISHER_KINDS}.")
+    check_fisher_kind(kind, "the Fisher kind")
     if mc_samples < 1:
         raise ConfigError(f"mc_samples must be a positive integer, got {mc_samples}.")
     _check_chunk_size(chunk_size)

@@ -96,7 +96,7 @@ _REGISTRY: dict[str, _Entry] = {
     "adam": _Entry(Adam, AdamConfig, {}),
     "bdf": _Entry(BDF, BDFConfig, {}),
     "mbf": _Entry(MBF, MBFConfig, {"statistic": "minibatch"}),
-    "mbf-true": _Entry(MBF, MBFConfig, {"statistic": "sampled"}),
+    "mbf-true": _Entry(MBF, MBFConfig, {"statistic": "mc"}),
     "mbf-exact": _Entry(MBF, MBFConfig, {"statistic": "per_sample"}),
     "kfac": _Entry(KFAC, KFACConfig, {}),
     "shampoo": _Entry(Shampoo, ShampooConfig, {}),

@@ -17,7 +17,7 @@ and, with inverses refreshed when ``k ≡ 0 (mod T2)``,
 - ``damping_mode="eigen"``: the exact ``vec D = (A ⊗ G + λI)⁻¹ vec M̄`` through the
   eigendecompositions of ``A`` and ``G``.
 
-``fisher="true"`` takes ``G`` from labels sampled from the model (one extra backward pass),
+``fisher="mc"`` takes ``G`` from labels sampled from the model (one extra backward pass),
 ``fisher="empirical"`` from the real labels, ``fisher="exact"`` from the exact Fisher
 (``G = (1/(mT)) Σ_n Σ_t Σ_c δ_ntc δ_ntcᵀ`` over the ``C`` rows of the square-root GGN, one
 batched backward pass: deterministic, for comparisons with the Kronecker-SVD family). Layers
@@ -55,6 +55,7 @@ from mbf_analysis.curvature.kfac import (
     to_matrix,
 )
 from mbf_analysis.errors import UnknownNameError
+from mbf_analysis.fisher_kinds import check_fisher_kind
 from mbf_analysis.methods.base import (
     Method,
     MethodConfig,
@@ -76,7 +77,8 @@ class KFACConfig(MethodConfig):
     Attributes:
         damping: ``λ > 0``.
         damping_mode: ``"split"`` (factored, with ``π``) or ``"eigen"`` (exact ``A ⊗ G + λI``).
-        fisher: ``"true"`` (sampled labels), ``"empirical"`` (real labels) or ``"exact"``.
+        fisher: ``"mc"`` (sampled labels), ``"empirical"`` (real labels) or ``"exact"``
+            (:mod:`mbf_analysis.fisher_kinds`).
         momentum: ``μ ∈ [0, 1)`` of the torch-style momentum that is preconditioned.
         dampening: ``τ ∈ [0, 1]``.
         decay: EMA decay ``β ∈ [0, 1)`` of ``A`` and ``G``.
@@ -86,7 +88,7 @@ class KFACConfig(MethodConfig):
 
     damping: float = 0.003
     damping_mode: Literal["split", "eigen"] = "split"
-    fisher: Literal["true", "empirical", "exact"] = "true"
+    fisher: Literal["mc", "empirical", "exact"] = "mc"
     momentum: float = 0.9
     dampening: float = 0.0
     decay: float = 0.9
@@ -103,7 +105,7 @@ class KFACConfig(MethodConfig):
     def __post_init__(self) -> None:
         check_range(self, "damping", low=0.0, low_open=True)
         check_choice(self, "damping_mode", ("split", "eigen"))
-        check_choice(self, "fisher", ("true", "empirical", "exact"))
+        check_fisher_kind(self.fisher, f"{type(self).__name__}.fisher")
         check_range(self, "momentum", low=0.0, high=1.0, high_open=True)
         check_range(self, "dampening", low=0.0, high=1.0)
         check_range(self, "decay", low=0.0, high=1.0, high_open=True)
@@ -128,7 +130,7 @@ class KFAC(Method):
     @property
     def needs(self) -> frozenset[str]:
         factors = {
-            "true": KFAC_FACTORS_SAMPLED,
+            "mc": KFAC_FACTORS_SAMPLED,
             "empirical": KFAC_FACTORS,
             "exact": KFAC_FACTORS_EXACT,
         }[self.config.fisher]

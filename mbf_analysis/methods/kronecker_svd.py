@@ -29,7 +29,7 @@ Every pair is ``(A_k, G_k) = s √σ_k (mat u_k, mat v_k)`` with the sign ``s`` 
 singular pair's sign is arbitrary (``A⊗G = (−A)⊗(−G)``), so a method fixes it before averaging,
 or the averages of flipped pairs cancel (METHODS §6.3): the first pair by ``tr A₁ > 0``, a
 second pair by ``⟨A₂, A₂_avg⟩ ≥ 0`` against its running average (``tr A₂ ≥ 0`` at the first
-update). ``fisher`` chooses ``Γ_n``: ``"true"`` (one label sampled from the model per input, as
+update). ``fisher`` chooses ``Γ_n``: ``"mc"`` (one label sampled from the model per input, as
 the papers), ``"empirical"`` (real labels) or ``"exact"`` (the ``C`` rows of the square-root
 GGN).
 
@@ -136,6 +136,7 @@ from mbf_analysis.curvature.kfac import (
     to_matrix,
 )
 from mbf_analysis.errors import ConfigError, UnknownNameError, UnsupportedModuleError
+from mbf_analysis.fisher_kinds import check_fisher_kind
 from mbf_analysis.linalg import (
     Rank2KronInverse,
     apply_rank2_kron_inverse,
@@ -189,7 +190,7 @@ PAPER_SCHEDULE: dict[str, Any] = {
 }
 """The settings of Koroko et al. (METHODS §6.1), for a training run."""
 
-_NEEDS = {"true": KRON_SAMPLES_SAMPLED, "empirical": KRON_SAMPLES, "exact": KRON_SAMPLES_EXACT}
+_NEEDS = {"mc": KRON_SAMPLES_SAMPLED, "empirical": KRON_SAMPLES, "exact": KRON_SAMPLES_EXACT}
 _PAIR2_SEED = 0
 """Seed of the fixed start of a second pair without a warm start."""
 _CHUNK_BYTES = 2**28
@@ -751,7 +752,7 @@ class KroneckerSVDConfig(MethodConfig):
         damping_mode: ``"unit"`` (``π = 1``, the papers), ``"split"`` (KFAC's ``π`` from the
             traces of ``A₁``, ``G₁``) or, for ``kpsvd`` only, ``"eigen"`` (exact
             ``(A⊗G + λI)⁻¹``).
-        fisher: ``"true"`` (one sampled label per input), ``"empirical"`` or ``"exact"``.
+        fisher: ``"mc"`` (one sampled label per input), ``"empirical"`` or ``"exact"``.
         momentum: ``μ ∈ [0, 1)`` of the torch-style momentum that is preconditioned.
         dampening: ``τ ∈ [0, 1]``.
         decay: ``β ∈ [0, 1)``, the cap of the per-factor EMA ``ρ_j = min(1 − 1/j, β)``.
@@ -774,7 +775,7 @@ class KroneckerSVDConfig(MethodConfig):
 
     damping: float = 0.003
     damping_mode: Literal["unit", "split", "eigen"] = "unit"
-    fisher: Literal["true", "empirical", "exact"] = "true"
+    fisher: Literal["mc", "empirical", "exact"] = "mc"
     momentum: float = 0.9
     dampening: float = 0.0
     decay: float = 0.95
@@ -801,7 +802,7 @@ class KroneckerSVDConfig(MethodConfig):
         check_choice(self, "approximation", APPROXIMATIONS)
         modes = ("unit", "split", "eigen") if RANK[self.approximation] == 1 else ("unit", "split")
         check_choice(self, "damping_mode", modes)
-        check_choice(self, "fisher", ("true", "empirical", "exact"))
+        check_fisher_kind(self.fisher, f"{type(self).__name__}.fisher")
         check_range(self, "momentum", low=0.0, high=1.0, high_open=True)
         check_range(self, "dampening", low=0.0, high=1.0)
         check_range(self, "decay", low=0.0, high=1.0, high_open=True)

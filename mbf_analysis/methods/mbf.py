@@ -45,12 +45,12 @@ from torch import Tensor
 
 from mbf_analysis.curvature.collect import GRAD, PER_SAMPLE_GRAD, SAMPLED_GRAD, Stats
 from mbf_analysis.errors import ConfigError
+from mbf_analysis.fisher_kinds import check_fisher_kind
 from mbf_analysis.layout import LayerLayout
 from mbf_analysis.linalg import damped_inverse
 from mbf_analysis.methods.base import (
     Method,
     MethodConfig,
-    check_choice,
     check_period,
     check_range,
     momentum_,
@@ -71,7 +71,7 @@ __all__ = [
     "adam_like",
 ]
 
-Statistic = Literal["minibatch", "sampled", "per_sample"]
+Statistic = Literal["minibatch", "mc", "per_sample"]
 BlockMode = Literal["blocks", "shared", "adam"]
 
 
@@ -360,8 +360,8 @@ class MBFConfig(MethodConfig):
         inverse_period: ``T2 ≥ 1``, steps between inversions. The paper used ``T1 = 1``,
             ``T2 = 20`` for autoencoders and ``T1 = 10``, ``T2 = 100`` for CNNs; the defaults
             (1, 1) suit the analyses, where every step is looked at.
-        statistic: ``"minibatch"`` (MBF), ``"sampled"`` (MBF-True) or ``"per_sample"``
-            (MBF-exact); set by the registry name.
+        statistic: ``"minibatch"`` (MBF), ``"mc"`` (MBF-True: labels sampled from the model)
+            or ``"per_sample"`` (MBF-exact); set by the registry name.
         block_size_one: Force all Linear/Conv2d blocks to size 1 (then MBF is "Adam without the
             square root", ``d = m / (v + λ)``).
         spatial_threshold: The size rule: spatially average Linear layers with
@@ -399,7 +399,7 @@ class MBFConfig(MethodConfig):
         check_range(self, "decay", low=0.0, high=1.0, high_open=True)
         check_period(self, "stat_period")
         check_period(self, "inverse_period")
-        check_choice(self, "statistic", ("minibatch", "sampled", "per_sample"))
+        check_fisher_kind(self.statistic, "MBFConfig.statistic", ("minibatch", "mc", "per_sample"))
         if not isinstance(self.block_size_one, bool):
             raise ConfigError(
                 f"MBFConfig.block_size_one must be a bool, got {self.block_size_one!r}."
@@ -414,7 +414,7 @@ class MBFConfig(MethodConfig):
         return spatial_rule("MBFConfig", self.spatial_threshold, self.spatial_averaging)
 
 
-_SOURCE = {"minibatch": GRAD, "sampled": SAMPLED_GRAD, "per_sample": PER_SAMPLE_GRAD}
+_SOURCE = {"minibatch": GRAD, "mc": SAMPLED_GRAD, "per_sample": PER_SAMPLE_GRAD}
 
 
 class MBF(Method):

@@ -138,7 +138,7 @@ _RESIDUAL_ROWS = frozenset({"residual", "krylov-residual"})
 """Coarse spaces whose rows are built from the residual ``ρ``."""
 
 _NEEDS = {
-    "true": (KFAC_FACTORS_SAMPLED, KRON_SAMPLES_SAMPLED),
+    "mc": (KFAC_FACTORS_SAMPLED, KRON_SAMPLES_SAMPLED),
     "empirical": (KFAC_FACTORS, KRON_SAMPLES),
     "exact": (KFAC_FACTORS_EXACT, KRON_SAMPLES_EXACT),
 }

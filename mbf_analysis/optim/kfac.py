@@ -172,7 +172,7 @@ class KFAC(PlacedOptimizer):
         true_fisher: ``G`` from labels sampled from the model (per group), recorded by
             :meth:`sampled_backward`. The default ``False`` (empirical Fisher, real labels) keeps
             plain ``loss.backward(); step()`` loops working; the paper's KFAC baseline (and
-            ``methods.get("kfac")``, whose default is ``fisher="true"``) is ``True``.
+            ``methods.get("kfac")``, whose default is ``fisher="mc"``) is ``True``.
         params: Parameters or groups (default: the model's trainable parameters); a layer's
             weight and bias must be in the same group.
 

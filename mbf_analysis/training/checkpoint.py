@@ -49,6 +49,7 @@ FORMAT = 1
 
 TRAJECTORY_SETTINGS = (
     "problem",
+    "code_activation",
     "optimizer",
     "seed",
     "batch_size",

@@ -358,6 +358,7 @@ class _Run:
         self.stop = StopRequests()
         self.settings = {
             "problem": problem.name,
+            "code_activation": problem.code_activation,
             "optimizer": optimizer,
             "seed": seed,
             "batch_size": problem.batch_size,

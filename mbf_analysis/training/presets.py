@@ -389,7 +389,7 @@ def _generic_presets() -> dict[tuple[str, str], Preset]:
                 "fisher_fraction": schedule.pop("fisher_fraction"),
                 "kl_clip": schedule.pop("kl_clip"),
                 "momentum": schedule.pop("momentum"),
-                "fisher": "true",
+                "fisher": "mc",
             }
             if method in ("kfac", "kfac-two-level"):
                 options.update(decay=0.95, damping_mode="split")

@@ -36,7 +36,7 @@ of ours for tests and CPU runs.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mbf_analysis.errors import ConfigError
+from mbf_analysis.models import ACTIVATIONS
 
 __all__ = [
     "PROBLEMS",
@@ -113,6 +114,39 @@ class Problem:
     def is_autoencoder(self) -> bool:
         """Whether the targets are the inputs (flattened) rather than labels."""
         return self.loss != "cross_entropy"
+
+    @property
+    def code_activation(self) -> str | None:
+        """The activation after an autoencoder's code layer (``None``: a linear code)."""
+        value = self.model_kwargs.get("code_activation")
+        return None if value is None else str(value)
+
+    @property
+    def label(self) -> str:
+        """The name for titles and messages: ``"mnist-ae"``, ``"mnist-ae (relu code)"``."""
+        activation = self.code_activation
+        return self.name if activation is None else f"{self.name} ({activation} code)"
+
+    def with_code_activation(self, activation: str | None) -> Problem:
+        """This problem with ``activation`` after its autoencoder's code layer.
+
+        ``None`` returns the problem as registered (a linear code).
+
+        Raises:
+            ConfigError: If the problem is not an autoencoder, or the activation is unknown.
+        """
+        if activation is None:
+            return self
+        if not self.is_autoencoder:
+            raise ConfigError(
+                f"problem {self.name!r} is not an autoencoder; a code activation applies to "
+                "mnist-ae, curves-ae and faces-ae only"
+            )
+        if activation not in ACTIVATIONS:
+            raise ConfigError(
+                f"unknown code activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}"
+            )
+        return replace(self, model_kwargs={**self.model_kwargs, "code_activation": activation})
 
     def loss_fn(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """The minibatch loss ``L = (1/m) Σ_n ℓ_n`` (module docstring)."""
