@@ -306,7 +306,7 @@ def test_exact_kfac_factor_averages_the_exact_rows_and_shares_a():
 
 def test_exact_statistics_respect_the_memory_budget():
     model, x, y = _problem(cnn=False)
-    with pytest.raises(MemoryBudgetError, match="output-Hessian columns.*fisher='true'"):
+    with pytest.raises(MemoryBudgetError, match="output-Hessian columns.*fisher='mc'"):
         collect(model, nn.CrossEntropyLoss(), x, y, {KRON_SAMPLES_EXACT}, memory_budget=64)
 
 
