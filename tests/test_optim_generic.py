@@ -28,7 +28,8 @@ from mbf_analysis.curvature.collect import GRAD, collect
 from mbf_analysis.errors import NonFiniteError
 from mbf_analysis.layout import model_layouts
 from mbf_analysis.optim import KFAC, MBF, MethodOptimizer, Shampoo
-from mbf_analysis.optim.generic import _gather_batch, next_needs
+from mbf_analysis.optim.common import gather_batch, global_head
+from mbf_analysis.optim.generic import next_needs
 
 DT = torch.float64
 CE = nn.CrossEntropyLoss()
@@ -486,7 +487,8 @@ def _ddp_worker(rank, port, folder):
                 opt.step(inputs=x, targets=y)
             out[name] = [p.detach().clone() for p in model.parameters()]
         rows = torch.arange(2 * (rank + 1), dtype=DT).reshape(rank + 1, 2) + 10 * rank
-        out["uneven"] = _gather_batch(rows, torch.device("cpu"))
+        out["uneven"] = gather_batch(rows, torch.device("cpu"))
+        out["head"] = global_head(rows, rows[:, 0], 0.5, torch.device("cpu"))
         torch.save(out, f"{folder}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -500,10 +502,10 @@ def _free_port():
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_ddp_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
-    """Each process's Fisher batch is its first ``HALF/2`` samples; the union is the Fisher
-    batch of one process whose batch starts with both heads (then both tails): its gradient is
-    the mean over the same 8 samples. Process 1's seed differs and is overridden by process 0's.
-    """
+    """The processes hold the two halves of each batch; the Fisher batch is the first half of
+    the global batch (``fisher_fraction=0.5``: all from process 0), as for one process on the
+    whole batch, whose gradient is the mean over the same 8 samples. Process 1's seed differs and
+    is overridden by process 0's."""
     context = mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False)
     deadline = time.monotonic() + 120
     try:
@@ -517,18 +519,15 @@ def test_ddp_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
     uneven = torch.tensor([[0.0, 1.0], [10.0, 11.0], [12.0, 13.0]], dtype=DT)
     assert all(torch.equal(r["uneven"], uneven) for r in ranks)  # 1 row from 0, 2 from 1
-    head = HALF // 2
-    order = torch.cat(
-        [torch.arange(r * HALF, r * HALF + head) for r in range(WORLD)]
-        + [torch.arange(r * HALF + head, (r + 1) * HALF) for r in range(WORLD)]
-    )
+    for r in ranks:  # the first ⌈3 · 0.5⌉ = 2 rows of the global batch: one from each process
+        assert torch.equal(r["head"][0], uneven[:2]) and torch.equal(r["head"][1], uneven[:2, 0])
     for name in methods.names():
         model = _mlp()
         opt = MethodOptimizer(model, name, generator=7, **_ddp_settings(name))
         for x, y in _ddp_batches():
             opt.zero_grad()
-            CE(model(x[order]), y[order]).backward()
-            opt.step(inputs=x[order], targets=y[order])
+            CE(model(x), y).backward()
+            opt.step(inputs=x, targets=y)
         for a, b in zip(ranks[0][name], ranks[1][name], strict=True):
             assert torch.equal(a, b), name
         for a, b in zip(ranks[0][name], model.parameters(), strict=True):

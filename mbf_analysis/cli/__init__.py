@@ -93,6 +93,14 @@ def _interruption(err: BaseException) -> KeyboardInterrupt | None:
     return None
 
 
+def _other_rank() -> bool:
+    """Whether this process is a ``torchrun`` rank other than 0 (``WORLD_SIZE > 1``)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0
+    except ValueError:
+        return False
+
+
 def _terminate(signum: int, frame: object) -> None:
     """SIGTERM outside a loop that stops cleanly: stop at once, as Ctrl-C does."""
     from mbf_analysis.stopping import Interrupted
@@ -139,6 +147,13 @@ def _main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "train" and _other_rank():
+        print(
+            f"{PROG} {args.command}: rank {os.environ['RANK']} of a torchrun job exits; rank 0 "
+            "runs the analysis alone (only train uses several processes)",
+            file=sys.stderr,
+        )
+        return 0
     try:
         args.run(args)
     except (UsageError, MBFError) as err:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
+from pathlib import Path
 from typing import Any
 
 from mbf_analysis.cli.choices import (
@@ -412,19 +413,37 @@ def _divergence_notes(summary, settings: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.resume and args.out is None:
-        raise UsageError("--resume needs --out, the folder of the run to continue")
+    """Train (module docstring); under ``torchrun``, one process per device (README, "Several
+    GPUs or nodes"): rank 0 checks the options, claims ``--out`` and writes every file; the
+    others train their slice of each global batch and print nothing."""
+    world = torchrun_world()
+    if world is None:
+        _run(args, None, None)
+        return
+    from mbf_analysis.training import distributed
+
+    device = distributed.start(world, args.device or "cpu")
+    try:
+        _run(args, world, device)
+    finally:
+        distributed.stop()
+
+
+def _run(args: argparse.Namespace, world: Any, started_device: Any) -> None:
+    main = world is None or world.main
     folder = None
-    record = None
-    if args.out is not None:
-        folder = RunFolder(args.out, "train", OUTPUTS, resumable=True)
-        record = folder.claim(resume=args.resume, overwrite=args.overwrite)
-    settings = _resumed_settings(record, args) if record is not None else _settings(args)
-    _check(settings)
-    dataset_name = PROBLEM_DATA[settings["problem"]]
-    data_dir = args.data_dir or (record or {}).get("data_folder")
-    data_folder = require_data(dataset_name, data_dir, args.download)
-    data_folder = None if data_folder is None else str(data_folder)
+    if main:
+        try:
+            folder, record, settings, data_folder = _claim(args, world)
+        except BaseException:
+            _share(world, None)
+            raise
+        _share(world, (settings, data_folder))
+    else:
+        shared = _share(world, None)
+        if shared is None:
+            raise SystemExit(2)  # rank 0 refused the run and said why
+        settings, data_folder = shared
 
     import torch
 
@@ -433,7 +452,7 @@ def run(args: argparse.Namespace) -> None:
     from mbf_analysis.training import compare, get_preset, get_problem, grid_search, summarize
 
     apply_threads(args.threads)
-    device = parse_device(settings["device"])
+    device = started_device if world is not None else parse_device(settings["device"])
     problem = get_problem(settings["problem"]).with_code_activation(settings.get("code_activation"))
     presets = {
         optimizer: get_preset(
@@ -462,13 +481,14 @@ def run(args: argparse.Namespace) -> None:
         "progress": args.progress,
         "dataset": dataset,
     }
-    if folder is not None:
+    if args.out is not None:
         common.update(
-            csv_path=folder.path / LOG_NAME,
-            checkpoint_dir=folder.path / CHECKPOINTS,
+            csv_path=Path(args.out) / LOG_NAME,
+            checkpoint_dir=Path(args.out) / CHECKPOINTS,
             checkpoint_every=args.checkpoint_every,
             resume=args.resume,
         )
+    if folder is not None:
         folder.add_files(LOG_NAME, CHECKPOINTS)
     timings: dict[str, float] = {"load": loaded - start}
 
@@ -491,6 +511,9 @@ def run(args: argparse.Namespace) -> None:
                 }
             )
 
+    if not main:
+        _train_slices(problem, settings, common, compare, grid_search)
+        return
     write("running")
     _announce_duration(settings)
     summary = None
@@ -541,25 +564,100 @@ def run(args: argparse.Namespace) -> None:
     write("complete")
 
 
-def _grid(problem, settings, common, folder, grid_search, timings, loaded) -> None:
-    import pandas as pd
+def torchrun_world() -> Any:
+    """The ``torchrun`` world of this process (``WORLD_SIZE > 1``), else ``None``; torch is
+    imported only in a world."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1") or "1") <= 1:
+        return None
+    from mbf_analysis.training.distributed import world_from_env
+
+    return world_from_env()
+
+
+def _claim(args: argparse.Namespace, world: Any) -> tuple[Any, Any, dict[str, Any], str | None]:
+    """Rank 0's part before training: the run folder, its record, the checked settings (the
+    global batch must divide among the processes) and the data folder."""
+    if args.resume and args.out is None:
+        raise UsageError("--resume needs --out, the folder of the run to continue")
+    folder = None
+    record = None
+    if args.out is not None:
+        folder = RunFolder(args.out, "train", OUTPUTS, resumable=True)
+        record = folder.claim(resume=args.resume, overwrite=args.overwrite)
+    settings = _resumed_settings(record, args) if record is not None else _settings(args)
+    _check(settings)
+    if world is not None:
+        from mbf_analysis.training import get_problem
+
+        batch = settings.get("batch_size") or get_problem(settings["problem"]).batch_size
+        if batch % world.size:
+            raise UsageError(
+                f"--batch-size {batch} (the global batch) does not divide among the "
+                f"{world.size} processes of this torchrun job; give a multiple of {world.size}"
+            )
+    dataset_name = PROBLEM_DATA[settings["problem"]]
+    data_dir = args.data_dir or (record or {}).get("data_folder")
+    data_folder = require_data(dataset_name, data_dir, args.download)
+    return folder, record, settings, None if data_folder is None else str(data_folder)
+
+
+def _share(world: Any, value: Any) -> Any:
+    """Rank 0's ``value`` on every process of ``world`` (``value`` itself without one)."""
+    if world is None:
+        return value
+    from mbf_analysis.training.distributed import share
+
+    return share(value, world)
+
+
+def _train_slices(problem, settings, common, compare, grid_search) -> None:
+    """A process other than rank 0: the same runs, on its slice of every batch, silently (rank 0
+    logs, checkpoints, evaluates and prints)."""
+    try:
+        if settings["grid"]:
+            for optimizer in settings["optimizer"]:
+                grid_search(problem, optimizer, **_grid_axes(settings), **common)
+        else:
+            compare(
+                problem,
+                settings["optimizer"],
+                seeds=settings["seed"],
+                lr=settings.get("lr"),
+                damping=settings.get("damping"),
+                weight_decay=settings.get("weight_decay"),
+                **common,
+            )
+    except KeyboardInterrupt as err:
+        from mbf_analysis.stopping import exit_code
+
+        raise SystemExit(exit_code(err)) from None
+
+
+def _grid_axes(settings: dict[str, Any]) -> dict[str, Any]:
+    """``grid_search``'s axes and seed: each axis given, else the single value, else ``None``
+    (the preset's or the paper's grid)."""
 
     def axis(values, single):
         if values is not None:
             return values
         return None if single is None else [single]
 
+    return {
+        "lrs": axis(settings.get("grid_lr"), settings.get("lr")),
+        "dampings": axis(settings.get("grid_damping"), settings.get("damping")),
+        "weight_decays": axis(settings.get("grid_weight_decay"), settings.get("weight_decay")),
+        "seed": settings["seed"][0],
+    }
+
+
+def _grid(problem, settings, common, folder, grid_search, timings, loaded) -> None:
+    import pandas as pd
+
     frames = []
     for optimizer in settings["optimizer"]:
-        frame = grid_search(
-            problem,
-            optimizer,
-            lrs=axis(settings.get("grid_lr"), settings.get("lr")),
-            dampings=axis(settings.get("grid_damping"), settings.get("damping")),
-            weight_decays=axis(settings.get("grid_weight_decay"), settings.get("weight_decay")),
-            seed=settings["seed"][0],
-            **common,
-        )
+        frame = grid_search(problem, optimizer, **_grid_axes(settings), **common)
         frames.append(frame)
         if not frame.best.any():
             print(f"{optimizer}: no grid point both trained (lowered the loss) and stayed finite")

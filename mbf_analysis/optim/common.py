@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -354,6 +355,46 @@ def decoupled_update_(
         torch._foreach_add_(params, directions, alpha=-lr)
 
 
+def distributed() -> bool:
+    """Whether a ``torch.distributed`` process group of more than one process is open."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def batch_sizes(n: int, device: torch.device) -> list[int]:
+    """Every process's batch size ``n_r``, in rank order (one all-gather)."""
+    size = torch.tensor([n], device=device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    return [int(s) for s in sizes]
+
+
+def gather_batch(tensor: Tensor, device: torch.device) -> Tensor:
+    """Every process's ``[n_r, *]`` concatenated in rank order (the ``n_r`` may differ)."""
+    local = tensor.to(device)
+    counts = batch_sizes(len(local), device)
+    padded = local.new_zeros(max(counts), *local.shape[1:])
+    padded[: len(local)] = local
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
+
+
+def global_head(
+    inputs: Tensor, targets: Tensor, fraction: float, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """The first ``⌈N · fraction⌉`` samples of the global batch (the processes' ``[n_r, *]``
+    batches concatenated in rank order, ``N = Σ_r n_r``), on every process."""
+    counts = batch_sizes(len(inputs), device)
+    head = math.ceil(sum(counts) * fraction)
+    rank = dist.get_rank()
+    keep = max(0, min(counts[rank], head - sum(counts[:rank])))
+    return gather_batch(inputs[:keep], device), gather_batch(targets[:keep], device)
+
+
+def _collective_device(tensor: Tensor) -> torch.device:
+    return tensor.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def sampled_label_loss(
     loss_fn: nn.Module, outputs: Tensor, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -364,6 +405,10 @@ def sampled_label_loss(
     so ``∇L̂`` is the ``sampled_grad`` of :func:`~mbf_analysis.curvature.collect.collect` and
     ``m · ∂L̂/∂s`` its per-sample pre-activation gradient. With the same generator state the
     labels are those ``collect`` draws from the same outputs.
+
+    Under ``torch.distributed`` the labels are drawn for the global batch (every process's
+    outputs gathered in rank order) and each process keeps its slice: with the same generator
+    state on every process, the labels are those of one process on the global batch.
 
     Args:
         loss_fn: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss``.
@@ -378,7 +423,14 @@ def sampled_label_loss(
             :func:`~mbf_analysis.curvature.losses.likelihood_of`).
     """
     likelihood = likelihood_of(loss_fn)
-    sampled = likelihood.sample_targets(outputs, generator)
+    if distributed():
+        device = _collective_device(outputs)
+        counts = batch_sizes(len(outputs), device)
+        everything = gather_batch(outputs.detach(), device).to(outputs.device)
+        start = sum(counts[: dist.get_rank()])
+        sampled = likelihood.sample_targets(everything, generator)[start : start + len(outputs)]
+    else:
+        sampled = likelihood.sample_targets(outputs, generator)
     return likelihood.summed_loss()(outputs, sampled) * (likelihood.grad_scale / len(outputs))
 
 

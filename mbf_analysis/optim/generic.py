@@ -24,9 +24,13 @@ the KL clip), and on curvature steps one :func:`~mbf_analysis.curvature.collect.
    flattened in METHODS.md §2 order (:meth:`~mbf_analysis.layout.LayerLayout.flatten`). NaN or
    Inf: :class:`~mbf_analysis.errors.NonFiniteError` before anything changes.
 2. When the method's next update reads curvature statistics (a *curvature step*, below): the
-   Fisher batch is the first ``m_F = ⌈m · fisher_fraction⌉`` samples of ``(x, y)`` (under
-   ``torch.distributed``, the concatenation of every process's first ``m_F``; every process then
-   computes the statistics of that union, so they agree without averaging).
+   Fisher batch is the first ``m_F = ⌈m · fisher_fraction⌉`` samples of ``(x, y)``. Under
+   ``torch.distributed`` the global batch is the concatenation of the processes' batches in rank
+   order, and the Fisher batch is its first ``⌈m_global · fisher_fraction⌉`` samples, gathered on
+   every process (each sends only its part of them); every process then computes the statistics
+   of that batch with process 0's generator, so they agree without averaging, and a run whose
+   processes hold contiguous slices of a global batch (``mbf-analyze train`` under ``torchrun``)
+   sees the Fisher batch of one process on the global batch.
    :func:`~mbf_analysis.curvature.collect.collect` runs on it with the optimizer's generator for
    the sampled labels, with the model in **eval mode** for the duration (**choice**: per-sample
    statistics need it, BatchNorm's running statistics are not touched by the extra pass, and no
@@ -102,6 +106,8 @@ from mbf_analysis.optim.common import (
     check_gradients,
     check_number,
     decoupled_update_,
+    distributed,
+    global_head,
     place,
 )
 
@@ -160,25 +166,6 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, training in modes:
             module.training = training
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _gather_batch(tensor: Tensor, device: torch.device) -> Tensor:
-    """Every process's ``[n_r, *]`` concatenated in rank order (the ``n_r`` may differ)."""
-    local = tensor.to(device)
-    world = dist.get_world_size()
-    size = torch.tensor([len(local)], device=device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    counts = [int(s) for s in sizes]
-    padded = local.new_zeros(max(counts), *local.shape[1:])
-    padded[: len(local)] = local
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
 
 
 def _owned(vector: Tensor, sources: Iterable[Tensor]) -> Tensor:
@@ -456,12 +443,13 @@ class MethodOptimizer(PlacedOptimizer):
                 f"{self.OWNER}: inputs and targets must hold the same, positive number of "
                 f"samples, got {len(inputs)} and {len(targets)}."
             )
-        count = math.ceil(len(inputs) * self.fisher_fraction)
-        x, y = inputs[:count].detach(), targets[:count].detach()
-        if _distributed():
+        if distributed():
             device = self._device if dist.get_backend() == "nccl" else torch.device("cpu")
-            x, y = _gather_batch(x, device), _gather_batch(y, device)
+            x, y = global_head(inputs.detach(), targets.detach(), self.fisher_fraction, device)
             self._sync_generator(device)
+        else:
+            count = math.ceil(len(inputs) * self.fisher_fraction)
+            x, y = inputs[:count].detach(), targets[:count].detach()
         with _eval_mode(self._model):
             collected = collect(self._model, self._loss_fn, x, y, needs, generator=self.generator)
         values = {f.name: getattr(collected, f.name) for f in dataclasses.fields(Stats)}

@@ -59,6 +59,7 @@ TRAJECTORY_SETTINGS = (
     "dtype",
     "device_type",
     "eval_samples",
+    "world_size",
 )
 """Settings that change the steps a run takes; a resume must keep every one of them. Limits
 (epochs, steps, budget) and the clock may change, so that a finished run can be extended."""
@@ -135,6 +136,14 @@ def load_checkpoint(
         for key in TRAJECTORY_SETTINGS
         if saved.get(key) != settings.get(key)
     }
+    if "world_size" in changed:
+        old, new = changed["world_size"]
+        raise CheckpointError(
+            f"run {run!r} was trained by {old or 1} process(es) and this resume has {new or 1}; "
+            f"resume it with {old or 1} (torchrun --nproc-per-node {old or 1} ... on one node; "
+            "one process without torchrun for 1): the data order and the checkpoint's random "
+            "generators belong to that number"
+        )
     if changed:
         shown = ", ".join(f"{k} {new!r} (saved {old!r})" for k, (old, new) in changed.items())
         raise CheckpointError(

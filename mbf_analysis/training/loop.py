@@ -74,6 +74,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -83,6 +84,7 @@ from typing import Any, Literal
 import pandas as pd
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from tqdm.auto import tqdm
 
@@ -91,6 +93,7 @@ from mbf_analysis.errors import ConfigError, NonFiniteError
 from mbf_analysis.models import build_model
 from mbf_analysis.optim import KFAC, MBF, MethodOptimizer, Shampoo
 from mbf_analysis.stopping import StopRequests, stop_requests
+from mbf_analysis.training import distributed
 from mbf_analysis.training.checkpoint import drop_previous, load_checkpoint, save_checkpoint
 from mbf_analysis.training.log import LOG_COLUMNS, CsvLog, keep_rows, read_log
 from mbf_analysis.training.presets import (
@@ -292,6 +295,25 @@ class _Clock:
         )
 
 
+_LIMITS: tuple[str | None, ...] = (None, "max_steps", "time_budget")
+"""The limits a step can hit, in the order :func:`distributed.agree` codes them."""
+
+
+def _check_split(batch_size: int, n_train: int, world: distributed.World) -> None:
+    """Refuse a global batch that the processes cannot share."""
+    if batch_size % world.size:
+        raise ConfigError(
+            f"the global batch of {batch_size} samples does not divide among {world.size} "
+            f"processes; give a batch size that is a multiple of {world.size}"
+        )
+    last = n_train % batch_size
+    if 0 < last < world.size:
+        raise ConfigError(
+            f"the last batch of an epoch has {last} sample(s), fewer than the {world.size} "
+            "processes; choose another batch size or number of processes"
+        )
+
+
 def _rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
     state: dict[str, Any] = {name: g.get_state() for name, g in generators.items()}
     state["torch"] = torch.get_rng_state()
@@ -316,6 +338,8 @@ class _Run:
         self.optimizer_name = optimizer
         self.preset = preset
         self.options = options
+        self.world: distributed.World | None = options["world"]
+        self.main = self.world is None or self.world.main
         seed = options["seed"]
         self.run = run_name(optimizer, preset, seed)
         device, dtype = options["device"], options["dtype"]
@@ -325,6 +349,10 @@ class _Run:
             device=device, dtype=dtype
         )
         self.model.train()
+        self.net: nn.Module = self.model
+        if self.world is not None:
+            ids = [torch.device(device)] if torch.device(device).type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
         self.generators = {
             "batches": torch.Generator().manual_seed(seed),
             "labels": torch.Generator(device).manual_seed(seed),
@@ -368,7 +396,10 @@ class _Run:
             "dtype": str(dtype).removeprefix("torch."),
             "device_type": torch.device(device).type,
             "eval_samples": options["eval_samples"],
+            "world_size": None if self.world is None else self.world.size,
         }
+        if self.world is not None:
+            _check_split(problem.batch_size, self.n_train, self.world)
 
     # ------------------------------------------------------------------ rows
     def record(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -391,9 +422,18 @@ class _Run:
         return pd.DataFrame(self.rows, columns=list(LOG_COLUMNS))
 
     def evaluate(self) -> None:
+        """Evaluate (under ``torchrun`` on rank 0, which sends the values to the others: every
+        process logs the same rows)."""
         self.clock.pause()
-        train_loss, train_acc = _evaluate(self.model, self.problem, *self.sets["train"])
-        test_loss, test_acc = _evaluate(self.model, self.problem, *self.sets["test"])
+        values = None
+        if self.main:
+            values = (
+                *_evaluate(self.model, self.problem, *self.sets["train"]),
+                *_evaluate(self.model, self.problem, *self.sets["test"]),
+            )
+        if self.world is not None:
+            values = distributed.broadcast_object(values, self.world)
+        train_loss, train_acc, test_loss, test_acc = values
         row = self.record(
             {
                 "kind": "eval",
@@ -416,6 +456,13 @@ class _Run:
         folder = self.options["checkpoint_dir"]
         if folder is None:
             return
+        rng = _rng_state(self.generators)
+        if self.world is not None:
+            ranks = distributed.gather_objects(rng, self.world)
+            if not self.main:
+                self.saved_at = time.perf_counter()
+                return
+            rng = {**rng, "ranks": ranks}
         wall, cpu = self.clock.now()
         save_checkpoint(
             folder,
@@ -432,7 +479,7 @@ class _Run:
                     "order": None if self.order is None else self.order.cpu(),
                     "log_rows": len(self.rows),
                 },
-                "rng": _rng_state(self.generators),
+                "rng": rng,
                 "clock": {
                     "wall": wall,
                     "cpu": cpu,
@@ -454,7 +501,10 @@ class _Run:
         self.batch, self.seen = int(position["batch"]), int(position["seen"])
         order = position["order"]
         self.order = None if order is None else order.to(self.train_x.device)
-        _set_rng_state(self.generators, payload["rng"])
+        rng = payload["rng"]
+        if self.world is not None:
+            rng = rng["ranks"][self.world.rank]
+        _set_rng_state(self.generators, rng)
         clock = payload["clock"]
         self.clock = _Clock(float(clock["wall"]), float(clock["cpu"]))
         self.warm = {"wall": float(clock["warm_wall"]), "cpu": float(clock["warm_cpu"])}
@@ -477,7 +527,23 @@ class _Run:
         return step % period
 
     def limit_before_step(self) -> str | None:
-        """The reason to stop before taking step ``self.step + 1``, or ``None``."""
+        """The reason to stop before taking step ``self.step + 1``, or ``None``; under
+        ``torchrun`` rank 0's (its clock measures the budget), agreed by every process."""
+        status = self._own_limit() if self.main else None
+        if self.world is None:
+            return status
+        code = distributed.agree([float(_LIMITS.index(status))])[0]
+        return _LIMITS[int(code)]
+
+    def stop_and_save_due(self) -> tuple[bool, bool]:
+        """Whether a stop was asked for (on any process) and whether a checkpoint is due now
+        (on rank 0's clock), agreed by every process."""
+        stop, due = self.stop.requested, self.main and self.checkpoint_due()
+        if self.world is not None:
+            stop, due = (bool(v) for v in distributed.agree([float(stop), float(due)]))
+        return stop, due
+
+    def _own_limit(self) -> str | None:
         max_steps, budget = self.options["max_steps"], self.options["time_budget"]
         if max_steps is not None and self.step >= max_steps:
             return "max_steps"
@@ -491,20 +557,24 @@ class _Run:
     # ------------------------------------------------------------------ one step
     def take_step(self) -> None:
         index = self.order[self.batch * self.problem.batch_size :][: self.problem.batch_size]
-        opt, model, problem = self.opt, self.model, self.problem
+        opt, problem = self.opt, self.problem
         started = self.budget_used()
         x = self.train_x[index]
         if problem.augment:
             x = augment_batch(x, self.generators["batches"])
-        targets = problem.targets(x, self.train_y[index])
+        x, labels, share = self.local_part(x, self.train_y[index])
+        targets = problem.targets(x, labels)
         opt.zero_grad(set_to_none=True)
-        outputs = model(x)
+        outputs = self.net(x)
         loss = problem.loss_fn(outputs, targets)
-        value = float(loss.detach())
+        if self.world is None:
+            value = float(loss.detach())
+        else:
+            value = distributed.global_mean(loss, len(x), len(index))
         if not math.isfinite(value):
             raise self.diverged(f"the minibatch loss is {value}")
         sampled = isinstance(opt, KFAC) and opt.needs_sampled_backward()
-        loss.backward(retain_graph=sampled)
+        (loss if share == 1.0 else loss * share).backward(retain_graph=sampled)
         if sampled:
             opt.sampled_backward(outputs, self.likelihood, generator=self.generators["labels"])
         try:
@@ -523,6 +593,14 @@ class _Run:
         row = self.record({"kind": "step", **self.position(), "lr": self.lr_now(), "loss": value})
         if self.options["on_step"] is not None:
             self.options["on_step"](row)
+
+    def local_part(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, float]:
+        """This process's slice of a global batch, and the weight of its mean loss
+        (``n_r · W / N``) that makes DDP's average of the gradients the global mean's."""
+        if self.world is None:
+            return x, labels, 1.0
+        part = distributed.local_slice(torch.arange(len(x), device=x.device), self.world)
+        return x[part], labels[part], len(part) * self.world.size / len(x)
 
     def diverged(self, what: str) -> TrainingDiverged:
         self.clock.pause()
@@ -547,10 +625,9 @@ class _Run:
         batches = order.to(self.train_x.device).split(self.problem.batch_size)
 
         def backward(index: Tensor) -> None:
-            x = self.train_x[index]
-            self.problem.loss_fn(
-                self.model(x), self.problem.targets(x, self.train_y[index])
-            ).backward()
+            x, labels, share = self.local_part(self.train_x[index], self.train_y[index])
+            loss = self.problem.loss_fn(self.net(x), self.problem.targets(x, labels))
+            (loss if share == 1.0 else loss * share).backward()
 
         wall, cpu = time.perf_counter(), time.process_time()
         self.opt.warm_start(batches, backward)
@@ -583,12 +660,15 @@ class _Run:
                 bar.update()
                 if self.step % 10 == 1:
                     bar.set_postfix(loss=f"{self.rows[-1]['loss']:.4g}")
-                if self.stop.requested:
+                stop, due = self.stop_and_save_due()
+                if stop:
                     self.clock.pause()
                     self.checkpoint(None)
                     self.record({"kind": "end", **self.position(), "status": "interrupted"})
+                    if not self.stop.requested:  # another process got the signal
+                        self.stop.request(signal.SIGTERM)
                     self.stop.check()
-                if self.checkpoint_due():
+                if due:
                     self.checkpoint(None)
             self.epoch += 1
             self.batch = 0
@@ -729,6 +809,7 @@ def train(
         "checkpoint_interval": checkpoint_interval,
         "on_step": on_step,
         "on_epoch": on_epoch,
+        "world": distributed.current_world(),
     }
     run = _Run(problem, optimizer, preset, options)
     saved = None
@@ -736,28 +817,36 @@ def train(
         saved = load_checkpoint(checkpoint_dir, run.run, run.settings)
     run.opt = make_optimizer(optimizer, run.model, preset, problem.likelihood_loss(), seed)
     try:
+        # Under torchrun only rank 0 reads and writes the CSV; the others get what they need.
         if saved is not None:
             run.restore(saved)
-            previous = read_log(csv_path)
-            previous = previous[previous.run == run.run]
+            previous = None
+            if run.main:
+                previous = read_log(csv_path)
+                previous = previous[previous.run == run.run]
+            previous = distributed.share(previous, run.world)
             if saved["status"] == "diverged" or (saved["status"] is not None and run.finished()):
                 logger.info("%s: finished (%s), kept as it is", run.run, saved["status"])
                 return previous.reset_index(drop=True)
             kept = int(saved["position"]["log_rows"])
-            keep_rows(csv_path, run.run, kept)
+            if run.main:
+                keep_rows(csv_path, run.run, kept)
             run.rows = previous.iloc[:kept].to_dict("records")
-        elif csv_path is not None and Path(csv_path).is_file():
-            earlier = read_log(csv_path)
-            if resume:
-                keep_rows(csv_path, run.run, 0)
-            elif (earlier.run == run.run).any():
+        elif csv_path is not None:
+            clash = False
+            if run.main and Path(csv_path).is_file():
+                if resume:
+                    keep_rows(csv_path, run.run, 0)
+                else:
+                    clash = bool((read_log(csv_path).run == run.run).any())
+            if distributed.share(clash, run.world):
                 raise ConfigError(
                     f"{csv_path} already holds rows of run {run.run!r}; resume it "
                     "(resume=True with its checkpoint_dir) or log to another file"
                 )
-        if csv_path is not None:
+        if csv_path is not None and run.main:
             run.log = CsvLog(csv_path)
-        return _execute(run, fresh=saved is None, progress=progress)
+        return _execute(run, fresh=saved is None, progress=progress and run.main)
     finally:
         if run.log is not None:
             run.log.close()
@@ -793,7 +882,7 @@ def _execute(run: _Run, *, fresh: bool, progress: bool) -> pd.DataFrame:
             run.evaluate()
             run.clock.pause()
             run.checkpoint(status)
-            if options["checkpoint_dir"] is not None:
+            if options["checkpoint_dir"] is not None and run.main:
                 drop_previous(options["checkpoint_dir"], run.run)
             run.record({"kind": "end", **run.position(), "status": status})
     except KeyboardInterrupt:
