@@ -17,7 +17,8 @@ Peak RSS: the largest process of the way (``ru_maxrss`` from ``os.wait4``, which
 processes ``torchrun`` started). Ratios are against ``1 × 2``.
 
 Run: ``OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_torchrun.py --data-dir ../shared/data``
-(writes ``benchmarks/results_torchrun.md``).
+(writes ``benchmarks/results_torchrun.md``). With ``--device cuda`` (``benchmarks/gpu.sh`` on a
+machine with 2 GPUs): one process on one GPU against two processes on two GPUs with nccl.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ CASES = {
 }
 
 
-def worker(case: str, steps: int, data_dir: str | None, log: str) -> None:
+def worker(case: str, steps: int, data_dir: str | None, log: str, device: str) -> None:
     """One training run (inside ``torchrun`` when ``WORLD_SIZE > 1``)."""
     import torch
 
@@ -46,8 +47,7 @@ def worker(case: str, steps: int, data_dir: str | None, log: str) -> None:
     from mbf_analysis.training import distributed, train
 
     world = distributed.world_from_env()
-    if world is not None:
-        distributed.start(world, "cpu")
+    where = torch.device(device) if world is None else distributed.start(world, device)
     try:
         if case == "mnist-ae":
             problem, dataset = "mnist-ae", load_dataset("mnist", data_dir)
@@ -64,7 +64,13 @@ def worker(case: str, steps: int, data_dir: str | None, log: str) -> None:
             )
             problem = "resnet32-cifar10"
         frame = train(
-            problem, "mbf", max_steps=steps, dataset=dataset, eval_samples=500, progress=False
+            problem,
+            "mbf",
+            max_steps=steps,
+            dataset=dataset,
+            eval_samples=500,
+            device=where,
+            progress=False,
         )
         if world is None or world.main:
             frame.to_csv(log, index=False)
@@ -96,27 +102,42 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--only", choices=list(CASES), default=None)
     parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cpu: gloo, 1 process × 2 threads, 1 × 1, 2 × 1; cuda: nccl, 1 process on 1 GPU "
+        "against 2 processes on 2 GPUs",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
         "--worker", nargs=3, metavar=("CASE", "STEPS", "LOG"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
     if args.worker:
         case, steps, log = args.worker
-        worker(case, int(steps), args.data_dir, log)
+        worker(case, int(steps), args.data_dir, log, args.device)
         return
-    script = [__file__, "--data-dir", str(args.data_dir)]
+    script = [__file__, "--data-dir", str(args.data_dir), "--device", args.device]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     ways = {  # name → (threads per process, launcher)
         "1 × 2": (2, [sys.executable]),
         "1 × 1": (1, [sys.executable]),
         "2 × 1": (1, [*torchrun, "--nproc-per-node", "2"]),
     }
+    if args.device == "cuda":
+        ways = {
+            "1 GPU": (2, [sys.executable]),
+            "2 GPUs": (2, [*torchrun, "--nproc-per-node", "2"]),
+        }
+    first = next(iter(ways))
     lines = [
-        "# MBF training: one process against two torchrun processes (gloo)",
+        "# MBF training: one process against two torchrun processes "
+        f"({'nccl' if args.device == 'cuda' else 'gloo'})",
         "",
         f"{datetime.now():%Y-%m-%d}; {platform.machine()}, {os.cpu_count()} CPUs; "
         f"`OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_torchrun.py`; {args.steps} steps, "
         f"rate over steps {args.warmup}–{args.steps} from the runs' own clocks. `P × T`: P "
-        "processes of T threads. Ratios against `1 × 2` (the whole machine in one process).",
+        "processes of T threads. Ratios against the first way.",
         "",
         "| case | way | steps/s | ratio | peak RSS per process |",
         "|---|---|---:|---:|---:|",
@@ -133,12 +154,12 @@ def main() -> None:
                 rss = _measure(command, env)
                 rates[way] = _rate(log, args.warmup)
                 row = (
-                    f"| {title} | {way} | {rates[way]:.3g} | {rates[way] / rates['1 × 2']:.2f} "
+                    f"| {title} | {way} | {rates[way]:.3g} | {rates[way] / rates[first]:.2f} "
                     f"| {rss / 2**20:.0f} MiB |"
                 )
                 print(row, flush=True)
                 lines.append(row)
-    RESULTS.write_text("\n".join(lines) + "\n")
+    args.out.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,10 @@
 #      name); none of them may skip (time limit 90 s);
 #   4. benchmarks/bench_gpu.py: MBF/Adam and MBF/KFAC on ResNet32 and VGG16-BN, MBF/SGD-m on the
 #      MNIST autoencoder, timings synchronised (time limit 200 s; 120 s of timed rounds);
-#   5. benchmarks/results_gpu.md: machine, commit, the test summary and the benchmark tables.
+#   5. where 2 CUDA devices exist: `train` under torchrun on 2 GPUs (nccl) against one process
+#      on one GPU (per-step losses, float64, mlp-digits: mbf, kfac, kpsvd), and
+#      benchmarks/bench_torchrun.py --device cuda (steps/s, 1 GPU against 2); skipped otherwise;
+#   6. benchmarks/results_gpu.md: machine, commit, the test summary and the benchmark tables.
 # The exit status is 0 only if the tests passed and the benchmarks ran.
 #
 # --cpu-check runs steps 3-5 on the CPU without refusing: the CUDA tests are selected and must
@@ -133,7 +136,50 @@ if [[ $bench_rc -ne 0 ]]; then
     tail -20 "$work/bench.log" >&2
 fi
 
-# ---------------------------------------------------------------- 5. the results file
+# ---------------------------------------------------------------- 5. two GPUs under torchrun
+gpus=$("$python" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+ddp_rc=0
+if [[ $mode == gpu && $gpus -ge 2 ]]; then
+    echo "gpu.sh: train under torchrun on 2 GPUs against one process on one GPU"
+    train=(train --problem mlp-digits --optimizer mbf,kfac,kpsvd --max-steps 20 --dtype float64
+           --device cuda --no-progress)
+    cat > "$work/compare_ddp.py" <<'EOF'
+import sys
+
+import pandas as pd
+
+work = sys.argv[1]
+one, two = (
+    pd.read_csv(f"{work}/{d}/train_log.csv").query("kind == 'step'").set_index(["optimizer", "step"])
+    for d in ("one", "two")
+)
+relative = ((one.loss - two.loss).abs() / one.loss.abs()).groupby("optimizer").max()
+print("## Two GPUs under torchrun (nccl) against one GPU\n")
+print("mlp-digits, 20 steps, float64; largest relative difference of the per-step losses:\n")
+for name, value in relative.items():
+    print(f"- {name}: {value:.2e}")
+sys.exit(0 if (relative < 1e-8).all() else 1)
+EOF
+    {
+        timeout 100 "$python" -m mbf_analysis "${train[@]}" --out "$work/one" &&
+            timeout 100 "$python" -m torch.distributed.run --standalone --nproc-per-node 2 \
+                -m mbf_analysis "${train[@]}" --out "$work/two" &&
+            "$python" "$work/compare_ddp.py" "$work" > "$work/ddp.md"
+    } > "$work/ddp.log" 2>&1
+    ddp_rc=$?
+    data=(--only resnet32)
+    [[ -d ../shared/data ]] && data=(--data-dir ../shared/data)
+    timeout 140 "$python" benchmarks/bench_torchrun.py --device cuda "${data[@]}" \
+        --out "$work/ddp_bench.md" >> "$work/ddp.log" 2>&1 || ddp_rc=1
+    if [[ $ddp_rc -ne 0 ]]; then
+        echo "gpu.sh: the 2-GPU case failed; its log ends:" >&2
+        tail -20 "$work/ddp.log" >&2
+    fi
+else
+    echo "gpu.sh: 2-GPU torchrun case skipped ($gpus CUDA device(s), mode $mode)"
+fi
+
+# ---------------------------------------------------------------- 6. the results file
 {
     echo "# GPU readiness: CUDA tests and GPU benchmarks (benchmarks/gpu.sh)"
     echo
@@ -146,6 +192,19 @@ fi
     echo
     grep -E "^(PASSED|FAILED|SKIPPED|ERROR)" "$work/tests.log" | sed 's/^/- /'
     echo
+    if [[ $mode == gpu && $gpus -ge 2 ]]; then
+        [[ -f "$work/ddp.md" ]] && cat "$work/ddp.md" && echo
+        [[ -f "$work/ddp_bench.md" ]] && sed 's/^#/##/' "$work/ddp_bench.md" && echo
+        if [[ $ddp_rc -ne 0 ]]; then
+            echo "The 2-GPU case FAILED (exit $ddp_rc); see the script's output."
+            echo
+        fi
+    else
+        echo "## Two GPUs under torchrun"
+        echo
+        echo "Skipped: $gpus CUDA device(s) in mode $mode (needs 2)."
+        echo
+    fi
     if [[ $bench_rc -eq 0 ]]; then
         sed 's/^#/##/' "$work/bench.md"
     else
@@ -159,4 +218,4 @@ fi
     fi
 } > "$out"
 echo "gpu.sh: wrote $out ($((SECONDS - start)) s)"
-[[ $tests_rc -eq 0 && $bench_rc -eq 0 ]]
+[[ $tests_rc -eq 0 && $bench_rc -eq 0 && $ddp_rc -eq 0 ]]
