@@ -27,6 +27,7 @@ from mbf_analysis.analysis import (
     approximation_trajectory,
 )
 from mbf_analysis.analysis import approximation as module
+from mbf_analysis.analysis.approximation import SkippedLayersWarning
 from mbf_analysis.curvature import layer_fisher
 from mbf_analysis.curvature.collect import KFAC_FACTORS, collect
 from mbf_analysis.curvature.kfac import from_matrix, kron_layout_matrix
@@ -513,3 +514,18 @@ def test_carried_methods_need_a_trajectory():
 def test_trajectory_configuration_is_validated(field, value, match):
     with pytest.raises(ValueError, match=match):
         ApproximationConfig(**{**CONFIG, field: value})
+
+
+def test_a_network_with_convolutions_names_the_layers_it_leaves_out():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(2, 2, 3),
+        nn.Flatten(),
+        nn.Linear(2 * 2 * 2, 3),
+    ).double()
+    x, y = torch.randn(6, 1, 4, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.warns(SkippedLayersWarning, match=r"no rows: 0 \(conv2d\), 2 \(conv2d\)"):
+        frame = approximation_errors(model, nn.CrossEntropyLoss(), x, y, ["kfac", "bdf"])
+    assert set(frame.layer) == {"4"}

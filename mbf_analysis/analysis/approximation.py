@@ -84,6 +84,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -122,6 +123,7 @@ __all__ = [
     "DEFAULT_APPROXIMATIONS",
     "ERROR_COLUMNS",
     "TRAJECTORY_COLUMNS",
+    "SkippedLayersWarning",
     "ApproximationConfig",
     "ApproximationRun",
     "approximation_errors",
@@ -405,6 +407,10 @@ def _check_names(methods: Sequence[str] | str) -> tuple[str, ...]:
     return names
 
 
+class SkippedLayersWarning(UserWarning):
+    """Layers with parameters that an analysis leaves out, named in the message."""
+
+
 def _check_fisher(fisher: str) -> None:
     check_fisher_kind(fisher, "fisher", tuple(_KINDS))
 
@@ -416,6 +422,17 @@ def _linear_layers(layouts: Mapping[str, LayerLayout], layers: Sequence[str] | N
             raise UnsupportedModuleError(
                 "the model has no nn.Linear layer; the Fisher-approximation errors cover "
                 "Linear layers (METHODS.md §6.1)."
+            )
+        left_out = [
+            f"{name} ({layout.kind})" for name, layout in layouts.items() if layout.kind != "linear"
+        ]
+        if left_out:
+            warnings.warn(
+                f"the Fisher-approximation errors cover nn.Linear layers only so far; these "
+                f"layers have no rows: {', '.join(left_out)}. Pass layers=[...] (--layers) of "
+                "Linear layers to choose them explicitly.",
+                SkippedLayersWarning,
+                stacklevel=3,
             )
         return chosen
     chosen = [layers] if isinstance(layers, str) else list(layers)
