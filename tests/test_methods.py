@@ -106,6 +106,7 @@ PERIODS = {
     "lanczos": {"inverse_period": 2, "lanczos_steps": 3},
     "kfac-corrected": {"inverse_period": 2, "damping_mode": "split", "decay_warmup": False},
     "kfac-two-level": {"stat_period": 2, "inverse_period": 2, "coarse": "spectral"},
+    "ngd": {"stat_period": 2, "decay": 0.5},
 }
 STAT_FIELDS = (
     "grad",
@@ -135,6 +136,7 @@ def test_registry_names():
         "lanczos",
         "kfac-corrected",
         "kfac-two-level",
+        "ngd",
     ]
     with pytest.raises(KeyError, match="unknown method 'lbfgs'"):
         methods.get("lbfgs")

@@ -72,6 +72,7 @@ METHODS: tuple[str, ...] = (
     "lanczos",
     "kfac-corrected",
     "kfac-two-level",
+    "ngd",
 )
 
 PROBLEM_DATA: dict[str, str] = {
@@ -99,6 +100,7 @@ OPTIMIZERS: tuple[str, ...] = (
     "lanczos",
     "kfac-corrected",
     "kfac-two-level",
+    "ngd",
 )
 
 PRESET_SETS: tuple[str, ...] = ("ours", "paper")

@@ -41,6 +41,7 @@ from mbf_analysis.methods.mbf import (
     plan_blocks,
     precondition,
 )
+from mbf_analysis.methods.ngd import NGD, NGDConfig
 from mbf_analysis.methods.sgdm import SGDM, SGDMConfig
 from mbf_analysis.methods.shampoo import Shampoo, ShampooConfig
 from mbf_analysis.methods.two_level import COARSE_SPACES, TwoLevelKFAC, TwoLevelKFACConfig
@@ -50,6 +51,8 @@ __all__ = [
     "AdamConfig",
     "BDF",
     "BDFConfig",
+    "NGD",
+    "NGDConfig",
     "BlockPlan",
     "KFAC",
     "KFACConfig",
@@ -105,6 +108,7 @@ _REGISTRY: dict[str, _Entry] = {
     "lanczos": _Entry(KroneckerSVD, KroneckerSVDConfig, {"approximation": "lanczos"}),
     "kfac-corrected": _Entry(KroneckerSVD, KroneckerSVDConfig, {"approximation": "kfac-corrected"}),
     "kfac-two-level": _Entry(TwoLevelKFAC, TwoLevelKFACConfig, {}),
+    "ngd": _Entry(NGD, NGDConfig, {}),
 }
 
 

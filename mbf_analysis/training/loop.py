@@ -207,8 +207,14 @@ def make_optimizer(
             kl_clip=options.pop("kl_clip", None),
             generator=seed,
             damping=preset.damping,
-            stat_period=preset.stat_period,
-            inverse_period=preset.inverse_period,
+            **{
+                name: period
+                for name, period in (
+                    ("stat_period", preset.stat_period),
+                    ("inverse_period", preset.inverse_period),
+                )
+                if period is not None
+            },
             **options,
         )
     known = ", ".join(("mbf", "adam", "sgdm", "kfac", "shampoo", *GENERIC_OPTIMIZERS))

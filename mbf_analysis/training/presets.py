@@ -108,6 +108,7 @@ GENERIC_OPTIMIZERS: dict[str, str] = {
     "lanczos": "lanczos",
     "kfac-corrected": "kfac-corrected",
     "kfac-two-level": "kfac-two-level",
+    "ngd": "ngd",
 }
 """Optimizer name → registry method, trained by :class:`~mbf_analysis.optim.MethodOptimizer`."""
 
@@ -393,13 +394,15 @@ def _generic_presets() -> dict[tuple[str, str], Preset]:
             }
             if method in ("kfac", "kfac-two-level"):
                 options.update(decay=0.95, damping_mode="split")
+            elif method == "ngd":  # the Fisher batch's own Fisher, solved exactly
+                options.update(decay=0.0)
             else:
                 options.update(decay=0.95, decay_warmup=True)
             out[problem, optimizer] = Preset(
                 lr=lr,
                 damping=damping,
                 stat_period=schedule["stat_period"],
-                inverse_period=schedule["inverse_period"],
+                inverse_period=None if method == "ngd" else schedule["inverse_period"],
                 time_budget=_AE_BUDGET.get(problem),
                 epochs=None if autoencoder else 30,
                 options=options,
