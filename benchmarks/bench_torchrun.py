@@ -74,6 +74,7 @@ def worker(case: str, steps: int, data_dir: str | None, log: str, device: str) -
         )
         if world is None or world.main:
             frame.to_csv(log, index=False)
+        distributed.finish(world)
     finally:
         distributed.stop()
 

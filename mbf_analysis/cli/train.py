@@ -425,6 +425,7 @@ def run(args: argparse.Namespace) -> None:
     device = distributed.start(world, args.device or "cpu")
     try:
         _run(args, world, device)
+        distributed.finish(world)
     finally:
         distributed.stop()
 

@@ -40,6 +40,7 @@ __all__ = [
     "world_from_env",
     "current_world",
     "share",
+    "finish",
     "start",
     "stop",
     "local_slice",
@@ -134,8 +135,16 @@ def start(world: World, device: str | torch.device) -> torch.device:
     return device
 
 
+def finish(world: World | None) -> None:
+    """At the normal end of a job: wait until every process is there, so that none closes its
+    connections while another still talks to it (gloo aborts a process whose peer left)."""
+    if world is not None and dist.is_initialized():
+        dist.barrier()
+
+
 def stop() -> None:
-    """Close the process group, if open."""
+    """Close the process group, if open (after :func:`finish` on a normal end; at once after an
+    error, when a barrier could wait for a process that will never come)."""
     if dist.is_initialized():
         dist.destroy_process_group()
 
