@@ -12,7 +12,7 @@ training images (the first of a seed-0 permutation, the same for every optimizer
 10 000 of 60 000, to keep evaluations cheap), the test loss on the first 10 000 test images,
 steps, epochs and seconds per step, and whether MBF ends below SGD-m and Adam.
 
-KFAC is the paper's true-Fisher KFAC (the preset's ``true_fisher=True``: ``G`` from labels
+KFAC is the paper's true-Fisher KFAC (the preset's ``fisher="mc"``: ``G`` from labels
 sampled from the model, one extra backward pass per statistics step, inside the budget).
 
 ``--extra-mbf LR[:DAMPING][,...]`` adds MBF runs at other settings (damping at its preset when

@@ -164,7 +164,8 @@ def test_state_dict_resume_and_fallback_warning():
         ({"damping_mode": "exact"}, "damping_mode"),
         ({"stat_period": 0}, "stat_period"),
         ({"momentum": -0.1}, "momentum"),
-        ({"true_fisher": 1}, "true_fisher must be True or False"),
+        ({"fisher": "exact"}, "fisher must be one of"),
+        ({"true_fisher": False}, "true_fisher=False is fisher='empirical'"),
     ],
 )
 def test_invalid_settings_raise(setting, match):
@@ -188,7 +189,7 @@ def test_true_fisher_factors_and_directions_match_methods_kfac(mode):
         damping_mode=mode,
         stat_period=2,
         inverse_period=3,
-        true_fisher=True,
+        fisher="mc",
         **SETTINGS,
     )
     method = methods.get(
@@ -302,7 +303,7 @@ def test_true_fisher_step_equals_explicit_factors_and_kron_solve(kind, mode):
     grads = torch.autograd.grad(loss_fn(model(x), y), list(model.parameters()))
     lr, damping = 0.1, 0.05
     before = [p.detach().clone() for p in model.parameters()]
-    opt = KFAC(model, lr=lr, damping=damping, damping_mode=mode, stat_decay=0.0, true_fisher=True)
+    opt = KFAC(model, lr=lr, damping=damping, damping_mode=mode, stat_decay=0.0, fisher="mc")
     kfac_true_step(opt, model, loss_fn, x, y, generator=_seeded(7))
     for i, name in ((0, "0"), (2, "2")):
         state = opt.state[model[i].weight]
@@ -323,7 +324,7 @@ def test_each_group_takes_g_from_its_own_backward_pass():
     twin = copy.deepcopy(model)
     first, rest = [0, 5], [1, 3, 7]
     groups = [
-        {"params": [p for i in first for p in model[i].parameters()], "true_fisher": True},
+        {"params": [p for i in first for p in model[i].parameters()], "fisher": "mc"},
         {"params": [p for i in rest for p in model[i].parameters()]},
     ]
     opt = KFAC(model, lr=0.01, stat_decay=0.0, params=groups)
@@ -339,7 +340,7 @@ def test_each_group_takes_g_from_its_own_backward_pass():
 
 def test_closure_with_sampled_backward_equals_kfac_true_step():
     batches = _batches(4)
-    settings = dict(lr=0.02, stat_period=2, inverse_period=3, true_fisher=True, **SETTINGS)
+    settings = dict(lr=0.02, stat_period=2, inverse_period=3, fisher="mc", **SETTINGS)
     model = _net()
     opt = KFAC(model, **settings)
     gen = _seeded(0)
@@ -369,9 +370,7 @@ def test_closure_with_sampled_backward_equals_kfac_true_step():
 
 def test_true_fisher_state_dict_resume_is_bit_exact_with_the_generator():
     batches = _batches(6)
-    settings = dict(
-        lr=0.02, stat_period=2, inverse_period=3, damping_mode="eigen", true_fisher=True
-    )
+    settings = dict(lr=0.02, stat_period=2, inverse_period=3, damping_mode="eigen", fisher="mc")
 
     def run(model, opt, part, gen):
         for x, y in part:
@@ -390,7 +389,7 @@ def test_true_fisher_state_dict_resume_is_bit_exact_with_the_generator():
     saved = torch.load(buffer)
     opt3 = KFAC(model2, lr=1.0)  # the saved settings replace these
     opt3.load_state_dict(saved["optimizer"])
-    assert opt3.param_groups[0]["true_fisher"] is True
+    assert opt3.param_groups[0]["fisher"] == "mc"
     gen3 = torch.Generator()
     gen3.set_state(saved["generator"])
     run(model2, opt3, batches[3:], gen3)
@@ -398,19 +397,25 @@ def test_true_fisher_state_dict_resume_is_bit_exact_with_the_generator():
         assert torch.equal(a, b)
 
 
-def test_state_saved_without_true_fisher_loads_as_empirical():
+@pytest.mark.parametrize("saved", [None, False, True])
+def test_a_state_saved_with_true_fisher_or_before_it_loads_under_the_new_word(saved):
     model = _net()
     opt = KFAC(model, lr=0.01)
     x, y = _batches(1)[0]
     CE(model(x), y).backward()
     opt.step()
     old = opt.state_dict()
-    for group in old["param_groups"]:
-        del group["true_fisher"]
+    for group in old["param_groups"]:  # as an earlier version saved it
+        del group["fisher"]
+        if saved is not None:
+            group["true_fisher"] = saved
     opt.remove_hooks()
-    opt2 = KFAC(model, lr=0.01, true_fisher=True)
+    opt2 = KFAC(model, lr=0.01, fisher="mc" if not saved else "empirical")
     opt2.load_state_dict(old)
-    assert opt2.param_groups[0]["true_fisher"] is False
+    assert opt2.param_groups[0]["fisher"] == ("mc" if saved else "empirical")
+    assert "true_fisher" not in opt2.param_groups[0]
+    if saved:
+        return
     opt2.zero_grad()
     CE(model(x), y).backward()
     opt2.step()  # a plain step: the empirical factors come from this backward pass
@@ -420,10 +425,10 @@ def test_state_saved_without_true_fisher_loads_as_empirical():
 def test_true_fisher_misuse_raises_naming_the_fix():
     model = _net()
     x, y = _batches(1)[0]
-    opt = KFAC(model, lr=0.01, true_fisher=True)
+    opt = KFAC(model, lr=0.01, fisher="mc")
     CE(model(x), y).backward()
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(RuntimeError, match=r"true_fisher=True.*sampled_backward.*kfac_true_step"):
+    with pytest.raises(RuntimeError, match=r"fisher='mc'.*sampled_backward.*kfac_true_step"):
         opt.step()
     opt.zero_grad()
 
@@ -444,9 +449,9 @@ def test_true_fisher_misuse_raises_naming_the_fix():
         opt.sampled_backward(model(x), nn.L1Loss())
     opt.remove_hooks()
     plain = KFAC(model, lr=0.01)
-    with pytest.raises(ValueError, match="no param group has true_fisher=True"):
+    with pytest.raises(ValueError, match="no param group has fisher='mc'"):
         plain.sampled_backward(model(x), CE)
-    with pytest.raises(ValueError, match="no param group has true_fisher=True"):
+    with pytest.raises(ValueError, match="no param group has fisher='mc'"):
         kfac_true_step(plain, model, CE, x, y)
 
 

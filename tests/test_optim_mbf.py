@@ -198,7 +198,7 @@ def _method_directions(model, opt_settings, statistic="mbf", steps=6, seed=5):
         inverse_period=s["inverse_period"],
         spatial_threshold=s["spatial_threshold"],
     )
-    opt = MBF(model, true_fisher=statistic == "mbf-true", **s)
+    opt = MBF(model, fisher="mc" if statistic == "mbf-true" else "empirical", **s)
     layouts = model_layouts(model)
     needs = {GRAD, SAMPLED_GRAD} if statistic == "mbf-true" else {GRAD}
     for k, (x, y) in enumerate(_batches(steps)):
@@ -725,7 +725,8 @@ BAD = [
     ({"weight_decay": -0.1}, "weight_decay must lie"),
     ({"stat_period": 0}, "stat_period must be a positive integer"),
     ({"inverse_period": 2.5}, "inverse_period must be a positive integer"),
-    ({"true_fisher": 1}, "true_fisher must be True or False"),
+    ({"fisher": "true"}, "fisher must be one of"),
+    ({"true_fisher": True}, "true_fisher= is now fisher=.*true_fisher=True is fisher='mc'"),
     ({"spatial_threshold": 0}, "spatial_threshold must be a positive integer"),
     ({"fallback": "sgd"}, "fallback must be one of"),
     ({"implementation": "turbo"}, "implementation must be one of"),
@@ -813,7 +814,7 @@ def test_missing_gradients():
 
 def test_true_fisher_needs_curvature_grads():
     model = _net()
-    opt = MBF(model, lr=0.1, true_fisher=True, stat_period=2)
+    opt = MBF(model, lr=0.1, fisher="mc", stat_period=2)
     assert opt.needs_curvature_grads()
     _backward(model, _batches(1)[0])
     with pytest.raises(ValueError, match="curvature_grads lacks"):
@@ -822,14 +823,14 @@ def test_true_fisher_needs_curvature_grads():
     assert not opt.needs_curvature_grads()
     opt.step()  # not a statistics step: no curvature gradients needed
     plain = MBF(_net(), lr=0.1)
-    with pytest.raises(ValueError, match="no param group has true_fisher"):
+    with pytest.raises(ValueError, match="no param group has fisher='mc'"):
         plain.step(curvature_grads={})
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_non_finite_curvature_gradient_raises(impl):
     model = _net()
-    opt = MBF(model, lr=0.1, true_fisher=True, implementation=impl)
+    opt = MBF(model, lr=0.1, fisher="mc", implementation=impl)
     _backward(model, _batches(1)[0])
     curvature = {p: p.grad.clone() for p in model.parameters()}
     curvature[model[3].weight][0, 0, 0, 0] = float("-inf")

@@ -250,7 +250,7 @@ def test_same_seed_same_run_other_seed_other_run(optimizer, digits):
 def test_kfac_presets_are_the_papers_true_fisher_kfac():
     for (problem, optimizer), preset in PRESETS.items():
         if optimizer == "kfac":
-            assert preset.options["true_fisher"] is True, problem
+            assert preset.options["fisher"] == "mc", problem
     assert isinstance(get_problem("mnist-ae").likelihood_loss(), nn.BCEWithLogitsLoss)
     assert isinstance(get_problem("faces-ae").likelihood_loss(), nn.MSELoss)
     assert isinstance(get_problem("mlp-digits").likelihood_loss(), nn.CrossEntropyLoss)
@@ -271,12 +271,12 @@ def test_training_kfac_records_sampled_label_statistics(monkeypatch, digits):
     seed = 5
     train("mlp-digits", "kfac", max_steps=1, seed=seed, dataset=digits, progress=False)
     preset = PRESETS["mlp-digits", "kfac"]
-    empirical = dataclasses.replace(preset, options={**preset.options, "true_fisher": False})
+    empirical = dataclasses.replace(preset, options={**preset.options, "fisher": "empirical"})
     monkeypatch.setitem(PRESETS, ("mlp-digits", "kfac"), empirical)
     train("mlp-digits", "kfac", max_steps=1, seed=seed, dataset=digits, progress=False)
     (true_run, true_model), (empirical_run, empirical_model) = made
-    assert true_run.param_groups[0]["true_fisher"] is True
-    assert empirical_run.param_groups[0]["true_fisher"] is False
+    assert true_run.param_groups[0]["fisher"] == "mc"
+    assert empirical_run.param_groups[0]["fisher"] == "empirical"
 
     torch.manual_seed(seed)
     model = build_model("digits-mlp")

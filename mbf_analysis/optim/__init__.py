@@ -4,7 +4,7 @@
   batched fast path and a per-block reference path; :func:`mbf_true_step` runs MBF-True's
   extra sampled-label backward pass;
 - :class:`KFAC`: KFAC / KFC with its own forward and backward hooks (empirical or, with
-  ``true_fisher=True``, true Fisher); :func:`kfac_true_step` runs its sampled-label backward pass;
+  ``fisher="mc"``, true Fisher); :func:`kfac_true_step` runs its sampled-label backward pass;
 - :class:`Shampoo`: Shampoo with EMA statistics;
 - :class:`MethodOptimizer`: any method of the registry (:func:`mbf_analysis.methods.names`),
   driven through the method interface, with a KL clip and a Fisher sub-batch for the curvature.

@@ -9,7 +9,7 @@
 - :func:`decoupled_update_` applies ``θ ← (1 − αγ) θ`` then ``θ ← θ − α d`` with
   ``torch._foreach_*`` kernels;
 - :func:`sampled_label_loss` is the mean loss on labels sampled from the model, whose backward
-  pass gives the true-Fisher statistics of MBF-True and of KFAC with ``true_fisher=True``.
+  pass gives the true-Fisher statistics of MBF-True and of KFAC with ``fisher="mc"``.
 """
 
 from __future__ import annotations
@@ -353,6 +353,23 @@ def decoupled_update_(
         if weight_decay != 0:
             torch._foreach_mul_(params, 1.0 - lr * weight_decay)
         torch._foreach_add_(params, directions, alpha=-lr)
+
+
+def refuse_true_fisher(owner: str, value: object) -> None:
+    """Refuse the earlier ``true_fisher=`` keyword with the word that replaced it."""
+    if value is not None:
+        word = "mc" if value else "empirical"
+        raise ConfigError(
+            f"{owner}: true_fisher= is now fisher= (one vocabulary, mbf_analysis.fisher_kinds): "
+            f"true_fisher={value!r} is fisher={word!r}."
+        )
+
+
+def migrate_fisher_setting(group: dict[str, Any]) -> None:
+    """A param group loaded from a state saved with ``true_fisher`` (or before it): ``fisher``."""
+    if "fisher" not in group:
+        group["fisher"] = "mc" if group.pop("true_fisher", False) else "empirical"
+    group.pop("true_fisher", None)
 
 
 def distributed() -> bool:

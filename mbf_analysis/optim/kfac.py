@@ -24,9 +24,9 @@ gradient into ``G_batch`` (:func:`~mbf_analysis.curvature.kfac.output_factor`, w
 ``δ = m · ∂L/∂s``: the loss ``L`` must be the **mean** of the per-sample losses over the ``m``
 samples of the batch). Which backward pass gives ``δ`` is a per-group choice:
 
-- ``true_fisher=False`` (default): the backward pass the user runs, on the real labels
+- ``fisher="empirical"`` (default): the backward pass the user runs, on the real labels
   (*empirical* KFAC);
-- ``true_fisher=True``: the paper's KFAC (true Fisher). One extra backward pass of
+- ``fisher="mc"``: the paper's KFAC (true Fisher). One extra backward pass of
   ``L̂ = (1/m) Σ_n ℓ(f_n, ŷ_n)`` with one label ``ŷ_n ~ p(· | f_n)`` drawn per input from the
   model's predictive distribution (:func:`~mbf_analysis.optim.common.sampled_label_loss`, the
   convention of :func:`~mbf_analysis.curvature.collect.collect`'s ``kfac_factors_sampled``; MSE
@@ -97,14 +97,15 @@ from mbf_analysis.methods.base import momentum_
 from mbf_analysis.optim.common import (
     PlacedLayer,
     PlacedOptimizer,
-    check_bool,
     check_choice,
     check_curvature_settings,
     check_gradients,
     check_number,
     decoupled_update_,
     group_gradients,
+    migrate_fisher_setting,
     place,
+    refuse_true_fisher,
     sampled_label_loss,
     warn_fallback,
 )
@@ -142,7 +143,7 @@ class KFAC(PlacedOptimizer):
 
     Example (the paper's true-Fisher KFAC)::
 
-        optimizer = KFAC(model, lr=0.1, true_fisher=True)
+        optimizer = KFAC(model, lr=0.1, fisher="mc")
         for x, y in loader:
             kfac_true_step(optimizer, model, loss_fn, x, y, generator=generator)
 
@@ -155,7 +156,7 @@ class KFAC(PlacedOptimizer):
         optimizer.sampled_backward(outputs, loss_fn, generator=generator)
         optimizer.step()
 
-    With ``true_fisher=False`` a plain ``loss.backward(); optimizer.step()`` loop suffices.
+    With ``fisher="empirical"`` a plain ``loss.backward(); optimizer.step()`` loop suffices.
 
     Args:
         model: The model; the optimizer hooks its Linear and Conv2d layers (remove the hooks
@@ -169,10 +170,12 @@ class KFAC(PlacedOptimizer):
         weight_decay: Decoupled ``γ ≥ 0`` (per group).
         stat_period: ``T1 ≥ 1`` (per group).
         inverse_period: ``T2 ≥ 1`` (per group).
-        true_fisher: ``G`` from labels sampled from the model (per group), recorded by
-            :meth:`sampled_backward`. The default ``False`` (empirical Fisher, real labels) keeps
-            plain ``loss.backward(); step()`` loops working; the paper's KFAC baseline (and
-            ``methods.get("kfac")``, whose default is ``fisher="mc"``) is ``True``.
+        fisher: ``"mc"``: ``G`` from labels sampled from the model (per group), recorded by
+            :meth:`sampled_backward` (the Monte-Carlo Fisher, :mod:`mbf_analysis.fisher_kinds`).
+            The default ``"empirical"`` (real labels) keeps plain ``loss.backward(); step()``
+            loops working; the paper's KFAC baseline (and ``methods.get("kfac")``, whose default
+            is ``fisher="mc"``) is ``"mc"``. The earlier ``true_fisher=`` is refused with this
+            word in the message.
         params: Parameters or groups (default: the model's trainable parameters); a layer's
             weight and bias must be in the same group.
 
@@ -196,9 +199,11 @@ class KFAC(PlacedOptimizer):
         weight_decay: float = 0.0,
         stat_period: int = 10,
         inverse_period: int = 100,
-        true_fisher: bool = False,
+        fisher: Literal["empirical", "mc"] = "empirical",
+        true_fisher: None = None,
         params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
     ) -> None:
+        refuse_true_fisher(self.OWNER, true_fisher)
         self._records: dict[str, _Record] = {}
         self._handles: list[RemovableHandle] = []
         self._sampled = False
@@ -212,7 +217,7 @@ class KFAC(PlacedOptimizer):
             "weight_decay": weight_decay,
             "stat_period": stat_period,
             "inverse_period": inverse_period,
-            "true_fisher": true_fisher,
+            "fisher": fisher,
         }
         super().__init__(model, params, defaults)
 
@@ -221,7 +226,7 @@ class KFAC(PlacedOptimizer):
         check_curvature_settings(owner, group, index)
         check_number(owner, index, "damping", group["damping"], low=0.0, low_open=True)
         check_choice(owner, "damping_mode", group["damping_mode"], ("split", "eigen"))
-        check_bool(owner, index, "true_fisher", group["true_fisher"])
+        check_choice(owner, "fisher", group["fisher"], ("empirical", "mc"))
 
     def _refresh_placement(self) -> None:
         """Place the parameters, (re)register the hooks, warn once about unfactored layers."""
@@ -268,7 +273,7 @@ class KFAC(PlacedOptimizer):
             output.register_hook(partial(self._backward, record, module, x.shape[0]))
 
     def _backward(self, record: _Record, module: nn.Module, batch: int, grad: Tensor) -> None:
-        if self._sampled != self.param_groups[record.layer.group]["true_fisher"]:
+        if self._sampled != (self.param_groups[record.layer.group]["fisher"] == "mc"):
             return
         # G of δ = m ∂L/∂s is m² times G of ∂L/∂s: scale the [g, g] factor, not the gradient.
         factor = output_factor(module, grad.detach()).mul_(batch * batch)
@@ -276,30 +281,31 @@ class KFAC(PlacedOptimizer):
         record.g_count += 1
 
     def _after_load(self) -> None:
-        """Validate the loaded settings (states saved before ``true_fisher`` existed: ``False``)."""
+        """Validate the loaded settings (a state saved with ``true_fisher`` reads as ``fisher``;
+        one saved before either existed as ``"empirical"``)."""
         for index, group in enumerate(self.param_groups):
-            group.setdefault("true_fisher", False)
+            migrate_fisher_setting(group)
             self._check_settings(group, index)
 
     def needs_sampled_backward(self) -> bool:
-        """Whether the next :meth:`step` updates the factors of a ``true_fisher`` group.
+        """Whether the next :meth:`step` updates the factors of a ``fisher="mc"`` group.
 
         Only then does :meth:`sampled_backward` run a backward pass (so only then must the
         real-label backward pass retain the graph).
         """
         return any(
-            group["true_fisher"] and self._due(index)
+            group["fisher"] == "mc" and self._due(index)
             for index, group in enumerate(self.param_groups)
         )
 
     def sampled_backward(
         self, outputs: Tensor, loss_fn: nn.Module, *, generator: torch.Generator | None = None
     ) -> None:
-        """Record the true-Fisher ``G`` of the ``true_fisher`` groups from sampled labels.
+        """Record the true-Fisher ``G`` of the ``fisher="mc"`` groups from sampled labels.
 
         Back-propagates :func:`~mbf_analysis.optim.common.sampled_label_loss` (``L̂``, one label
         ``ŷ_n ~ p(· | f_n)`` per input) from ``outputs`` to the factored layers of the
-        ``true_fisher`` groups; their output hooks turn ``m · ∂L̂/∂s`` into ``G_batch``. The
+        ``fisher="mc"`` groups; their output hooks turn ``m · ∂L̂/∂s`` into ``G_batch``. The
         parameters' ``.grad`` are left untouched. Does nothing (draws no labels) when
         :meth:`needs_sampled_backward` is ``False``. Call it after the forward pass and before
         :meth:`step`; after ``loss.backward()`` that pass must have used ``retain_graph=True``.
@@ -311,15 +317,15 @@ class KFAC(PlacedOptimizer):
             generator: Randomness of the sampled labels.
 
         Raises:
-            ValueError: If no param group has ``true_fisher=True``, or ``outputs`` is not
+            ValueError: If no param group has ``fisher="mc"``, or ``outputs`` is not
                 attached to an autograd graph.
             TypeError: For an unsupported loss module.
         """
-        if not any(group["true_fisher"] for group in self.param_groups):
+        if not any(group["fisher"] == "mc" for group in self.param_groups):
             raise ConfigError(
                 f"{self.OWNER}: sampled_backward was called, but no param group has "
-                "true_fisher=True; its sampled-label factors would be ignored. Construct the "
-                "optimizer with true_fisher=True, or drop the call for the empirical Fisher."
+                "fisher='mc'; its sampled-label factors would be ignored. Construct the "
+                "optimizer with fisher='mc', or drop the call for the empirical Fisher."
             )
         if not self.needs_sampled_backward():
             return
@@ -331,7 +337,7 @@ class KFAC(PlacedOptimizer):
         weights = [
             record.layer.params[0]
             for record in self._records.values()
-            if self.param_groups[record.layer.group]["true_fisher"]
+            if self.param_groups[record.layer.group]["fisher"] == "mc"
             and self._due(record.layer.group)
         ]
         loss = sampled_label_loss(loss_fn, outputs, generator)
@@ -347,7 +353,7 @@ class KFAC(PlacedOptimizer):
 
         Args:
             closure: Re-evaluates the model and returns the loss (called with gradients
-                enabled, before the step); for ``true_fisher`` groups it must also call
+                enabled, before the step); for ``fisher="mc"`` groups it must also call
                 :meth:`sampled_backward`.
 
         Returns:
@@ -356,7 +362,7 @@ class KFAC(PlacedOptimizer):
         Raises:
             NonFiniteError: If a gradient or a batch factor holds NaN/Inf (nothing changes).
             RuntimeError: If no factors were recorded before a statistics step (for a
-                ``true_fisher`` group: no :meth:`sampled_backward` pass).
+                ``fisher="mc"`` group: no :meth:`sampled_backward` pass).
         """
         loss = None
         if closure is not None:
@@ -388,10 +394,10 @@ class KFAC(PlacedOptimizer):
             if (
                 record.a_count > 0
                 and record.g_count == 0
-                and self.param_groups[index]["true_fisher"]
+                and self.param_groups[index]["fisher"] == "mc"
             ):
                 raise RuntimeError(
-                    f"{self.OWNER}: param group {index} has true_fisher=True and updates its "
+                    f"{self.OWNER}: param group {index} has fisher='mc' and updates its "
                     f"factors at this step, but no sampled-label output gradient was recorded for "
                     f"layer '{record.layer.name}'; after loss.backward(retain_graph=True) call "
                     "optimizer.sampled_backward(outputs, loss_fn) (also inside a closure), or use "
@@ -626,7 +632,7 @@ def kfac_true_step(
     labels :func:`~mbf_analysis.curvature.collect.collect` draws for ``kfac_factors_sampled``.
 
     Args:
-        optimizer: A :class:`KFAC` with ``true_fisher=True`` groups.
+        optimizer: A :class:`KFAC` with ``fisher="mc"`` groups.
         model: The model (or its DDP wrapper).
         loss_fn: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss``.
         inputs: ``[m, *in_shape]``.

@@ -14,7 +14,7 @@ blocks of size 1), blocks of size 1 for normalization layers. At step ``k`` of a
     \theta \leftarrow (1 - \alpha\gamma)\,\theta, \qquad \theta \leftarrow \theta - \alpha d,
 
 with ``u = g`` (MBF) or ``u = ĝ``, the minibatch gradient on labels sampled from the model
-(MBF-True, ``true_fisher=True``). ``F_b`` starts at 0 (or at the warm-start average, see
+(MBF-True, ``fisher="mc"``). ``F_b`` starts at 0 (or at the warm-start average, see
 :meth:`MBF.warm_start`). Special blocks:
 
 - size-1 blocks (Conv2d biases) follow the same rule, ``d = m / (v + λ)`` (no square root);
@@ -72,7 +72,7 @@ dict saved by one loads into the other):
 
 **Distributed**: under ``DistributedDataParallel`` the gradients are already averaged over the
 processes, so the statistics (built from ``g``) and every state agree across processes with no
-communication. With ``true_fisher``, :func:`mbf_true_step` averages ``ĝ`` across processes.
+communication. With ``fisher="mc"``, :func:`mbf_true_step` averages ``ĝ`` across processes.
 
 **Non-finite gradients** raise :class:`~mbf_analysis.errors.NonFiniteError` naming the
 parameter, before any parameter or state changes. The fast path screens the sum of each
@@ -106,7 +106,6 @@ from mbf_analysis.methods.mbf import (
 from mbf_analysis.optim.common import (
     PlacedLayer,
     PlacedOptimizer,
-    check_bool,
     check_choice,
     check_curvature_settings,
     check_gradients,
@@ -114,7 +113,9 @@ from mbf_analysis.optim.common import (
     check_period,
     decoupled_update_,
     group_gradients,
+    migrate_fisher_setting,
     place,
+    refuse_true_fisher,
     sampled_label_loss,
     warn_fallback,
 )
@@ -248,8 +249,10 @@ class MBF(PlacedOptimizer):
         weight_decay: Decoupled weight decay ``γ ≥ 0`` (per group).
         stat_period: ``T1 ≥ 1`` (per group; the paper: 10 for CNNs, 1 for autoencoders).
         inverse_period: ``T2 ≥ 1`` (per group; the paper: 100 for CNNs, 20 for autoencoders).
-        true_fisher: MBF-True (per group): ``F_b`` from sampled-label gradients, passed to
-            :meth:`step` as ``curvature_grads`` (or use :func:`mbf_true_step`).
+        fisher: ``"mc"``: MBF-True (per group), ``F_b`` from sampled-label gradients, passed
+            to :meth:`step` as ``curvature_grads`` (or use :func:`mbf_true_step`); ``"empirical"``
+            (default): MBF, from the minibatch gradient. The earlier ``true_fisher=`` is refused
+            with this word in the message.
         params: Parameters or parameter groups to optimize (default: the model's parameters
             with ``requires_grad``); all must be float32 or float64 parameters of ``model``.
         spatial_threshold: The size rule: spatially average Linear layers with
@@ -284,13 +287,15 @@ class MBF(PlacedOptimizer):
         weight_decay: float = 0.0,
         stat_period: int = 10,
         inverse_period: int = 100,
-        true_fisher: bool = False,
+        fisher: Literal["empirical", "mc"] = "empirical",
+        true_fisher: None = None,
         params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
         spatial_threshold: int | None = DEFAULT_SPATIAL_THRESHOLD,
         spatial_averaging: SpatialAveraging | None = None,
         fallback: Literal["diagonal", "adam"] = "diagonal",
         implementation: Literal["fast", "reference"] = "fast",
     ) -> None:
+        refuse_true_fisher(self.OWNER, true_fisher)
         check_choice(self.OWNER, "fallback", fallback, ("diagonal", "adam"))
         check_choice(self.OWNER, "implementation", implementation, ("fast", "reference"))
         self._averaging = spatial_rule(self.OWNER, spatial_threshold, spatial_averaging)
@@ -307,7 +312,7 @@ class MBF(PlacedOptimizer):
             "weight_decay": weight_decay,
             "stat_period": stat_period,
             "inverse_period": inverse_period,
-            "true_fisher": true_fisher,
+            "fisher": fisher,
         }
         super().__init__(model, params, defaults)
 
@@ -317,7 +322,7 @@ class MBF(PlacedOptimizer):
         owner = self.OWNER
         check_curvature_settings(owner, group, index)
         check_number(owner, index, "damping", group["damping"], low=0.0, low_open=True)
-        check_bool(owner, index, "true_fisher", group["true_fisher"])
+        check_choice(owner, "fisher", group["fisher"], ("empirical", "mc"))
 
     def _refresh_placement(self) -> None:
         """Place the parameters, build the block runs, warn once about fallbacks."""
@@ -347,6 +352,7 @@ class MBF(PlacedOptimizer):
     def _after_load(self) -> None:
         """Validate the loaded settings and state shapes; rebuild the buckets from the state."""
         for index, group in enumerate(self.param_groups):
+            migrate_fisher_setting(group)
             self._check_settings(group, index)
         for run in (r for runs in self._runs for r in runs):
             stored = run.plan.stored
@@ -367,12 +373,12 @@ class MBF(PlacedOptimizer):
         return self.state[self.param_groups[index]["params"][0]].get("step", 0)
 
     def needs_curvature_grads(self) -> bool:
-        """Whether the next :meth:`step` updates the statistics of a ``true_fisher`` group.
+        """Whether the next :meth:`step` updates the statistics of a ``fisher="mc"`` group.
 
         Only then must ``curvature_grads`` be passed (and the extra backward pass be run).
         """
         return any(
-            group["true_fisher"] and self._group_step(index) % group["stat_period"] == 0
+            group["fisher"] == "mc" and self._group_step(index) % group["stat_period"] == 0
             for index, group in enumerate(self.param_groups)
         )
 
@@ -392,7 +398,7 @@ class MBF(PlacedOptimizer):
             closure: Re-evaluates the model and returns the loss (called with gradients
                 enabled, before the step).
             curvature_grads: Parameter → ``ĝ`` (shaped like it), the minibatch gradient on
-                sampled labels, for ``true_fisher`` groups on their statistics steps (see
+                sampled labels, for ``fisher="mc"`` groups on their statistics steps (see
                 :meth:`needs_curvature_grads`); ignored on other steps.
 
         Returns:
@@ -402,7 +408,7 @@ class MBF(PlacedOptimizer):
             NonFiniteError: If a gradient (or curvature gradient) holds NaN/Inf; nothing is
                 changed.
             ValueError: If ``curvature_grads`` is missing when needed or given without any
-                ``true_fisher`` group.
+                ``fisher="mc"`` group.
         """
         loss = None
         if closure is not None:
@@ -424,10 +430,10 @@ class MBF(PlacedOptimizer):
         self, active: list[int], curvature_grads: Mapping[Tensor, Tensor] | None
     ) -> dict[int, Mapping[Tensor, Tensor]]:
         """Group → the tensors its statistics are built from, for the groups due for them."""
-        if curvature_grads is not None and not any(g["true_fisher"] for g in self.param_groups):
+        if curvature_grads is not None and not any(g["fisher"] == "mc" for g in self.param_groups):
             raise ConfigError(
                 f"{self.OWNER}: curvature_grads were given, but no param group has "
-                "true_fisher=True; they would be ignored."
+                "fisher='mc'; they would be ignored."
             )
         sources: dict[int, Mapping[Tensor, Tensor]] = {}
         for index in active:
@@ -435,14 +441,14 @@ class MBF(PlacedOptimizer):
             params = group["params"]
             if self._group_step(index) % group["stat_period"] != 0:
                 continue
-            if not group["true_fisher"]:
+            if group["fisher"] != "mc":
                 sources[index] = {p: p.grad for p in params}
                 continue
             given = curvature_grads or {}
             missing = [self._names[p] for p in params if p not in given]
             if missing:
                 raise ConfigError(
-                    f"{self.OWNER}: param group {index} has true_fisher=True and updates its "
+                    f"{self.OWNER}: param group {index} has fisher='mc' and updates its "
                     f"statistics at this step, but curvature_grads lacks {missing}; pass the "
                     "sampled-label gradients (see needs_curvature_grads and mbf_true_step)."
                 )
@@ -548,7 +554,7 @@ class MBF(PlacedOptimizer):
         for index in active:
             params = self.param_groups[index]["params"]
             check_gradients(self.OWNER, {p: p.grad for p in params}, self._names)
-            if index in sources and self.param_groups[index]["true_fisher"]:
+            if index in sources and self.param_groups[index]["fisher"] == "mc":
                 check_gradients(self.OWNER, sources[index], self._names, "curvature gradient")
 
     # ------------------------------------------------------------------ reference path
@@ -657,12 +663,12 @@ class MBF(PlacedOptimizer):
         sums = []
         curvature: dict[int, Tensor] = {}
         for index in active:
-            true_fisher = index in sources and self.param_groups[index]["true_fisher"]
+            sampled = index in sources and self.param_groups[index]["fisher"] == "mc"
             for bucket in buckets[index]:
                 grads = [p.grad for p in bucket.params]
                 torch._foreach_copy_(bucket.work_views, grads)
                 sums.append(bucket.work.sum())
-                if true_fisher:
+                if sampled:
                     rows = torch.empty_like(bucket.work)
                     torch._foreach_copy_(
                         bucket.views(rows), [sources[index][p] for p in bucket.params]
@@ -779,7 +785,7 @@ def mbf_true_step(
     Under ``torch.distributed``, ``ĝ`` is averaged over the processes like DDP's gradients.
 
     Args:
-        optimizer: An :class:`MBF` with ``true_fisher=True`` groups.
+        optimizer: An :class:`MBF` with ``fisher="mc"`` groups.
         model: The model (or its DDP wrapper).
         loss_fn: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss``.
         inputs: ``[m, *in_shape]``.
@@ -796,7 +802,7 @@ def mbf_true_step(
     loss.backward(retain_graph=needed)
     curvature = None
     if needed:
-        params = [p for g in optimizer.param_groups for p in g["params"] if g["true_fisher"]]
+        params = [p for g in optimizer.param_groups for p in g["params"] if g["fisher"] == "mc"]
         grads = torch.autograd.grad(sampled_label_loss(loss_fn, outputs, generator), params)
         if dist.is_available() and dist.is_initialized():
             world = dist.get_world_size()

@@ -15,7 +15,7 @@ The run (:func:`train`):
    is logged in a ``"warm_start"`` row) and on batches drawn from a third generator of its own
    (seeded from ``seed``), so that MBF's training batches are those of every other optimizer;
 4. takes steps ``zero_grad → forward → L = (1/m) Σ_n ℓ_n → backward → step``. A KFAC with
-   ``true_fisher=True`` (the presets': the paper's KFAC) also runs, on its statistics steps,
+   ``fisher="mc"`` (the presets': the paper's KFAC) also runs, on its statistics steps,
    :meth:`~mbf_analysis.optim.KFAC.sampled_backward` between the backward pass and the step:
    one extra backward pass of ``L̂ = (1/m) Σ_n ℓ(f_n, ŷ_n)``, ``ŷ_n ~ p(· | f_n)``
    (:meth:`Problem.likelihood_loss <mbf_analysis.training.problems.Problem.likelihood_loss>`),
@@ -155,7 +155,7 @@ def make_optimizer(
       its weight decay is the same decoupled rule, and with ``γ = 0`` it is Adam;
     - ``"mbf"``, ``"kfac"``, ``"shampoo"``: :class:`~mbf_analysis.optim.MBF`,
       :class:`~mbf_analysis.optim.KFAC` (which hooks the model's layers; the presets set
-      ``true_fisher=True``, the paper's KFAC, and :func:`train` then runs the sampled-label
+      ``fisher="mc"``, the paper's KFAC, and :func:`train` then runs the sampled-label
       backward pass),
       :class:`~mbf_analysis.optim.Shampoo` (``eps`` = damping), momentum 0.9, EMA decay 0.9,
       the preset's periods and options;

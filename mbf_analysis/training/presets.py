@@ -16,7 +16,7 @@ Choices of ours, where the text is silent or lost:
 
 - autoencoder periods ``T1 = 1``, ``T2 = 20`` for MBF, KFAC and Shampoo (METHODS.md §3);
 - Shampoo's ``ε`` on the CNNs (lost in the text): 1e-4;
-- KFAC: the paper's *true-Fisher* KFAC (``true_fisher=True``: ``G`` from one label per input
+- KFAC: the paper's *true-Fisher* KFAC (``fisher="mc"``: ``G`` from one label per input
   sampled from the model, an extra backward pass on statistics steps, METHODS.md §4) on every
   problem; ``damping_mode="split"`` (damped factors inverted, ``π``-split) on the autoencoders
   and ``"eigen"`` on the CNNs, as the paper describes; the paper's KFAC warm start is not done
@@ -275,7 +275,7 @@ _CNN_EPOCHS = {  # (epochs, K) per optimizer
 }
 _CURVATURE = ("mbf", "kfac", "shampoo")
 _KFAC_OPTIONS = {  # the paper's KFAC: true Fisher (labels sampled from the model)
-    mode: {"damping_mode": mode, "true_fisher": True} for mode in ("split", "eigen")
+    mode: {"damping_mode": mode, "fisher": "mc"} for mode in ("split", "eigen")
 }
 
 
