@@ -43,15 +43,14 @@ from mbf_analysis.cli.common import (
 from mbf_analysis.cli.recording import (
     Recorder,
     add_recording_options,
-    iteration_timings,
     load_state,
     per_iteration_text,
     recorded_rows,
     resumed_settings,
+    run_recorded,
     state_outputs,
 )
 from mbf_analysis.cli.run_folder import RunFolder
-from mbf_analysis.stopping import StopRequested, exit_code
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -369,7 +368,6 @@ def run(args: argparse.Namespace) -> None:
     if record is None:
         recorder.save()  # iteration 0, so that even an early interruption can be resumed
     remaining = max(config.iterations - analysis.iteration, 0)
-    first_iteration = analysis.iteration
     loaded = time.perf_counter()
     timings: dict[str, float] = {"load": loaded - start}
     _record(folder, settings, args, "running", timings, data_folder)
@@ -378,33 +376,21 @@ def run(args: argparse.Namespace) -> None:
         f"{remaining} iterations of batch {config.batch_size}, lr {config.lr:g}, "
         f"damping {config.damping:g}, methods {','.join(config.methods)} → {out}"
     )
-    status, whole, stop = "complete", True, None
-    try:
-        analysis.run(remaining, on_record=recorder, progress=args.progress)
-    except CosineDivergedError as err:
-        status = "diverged"
-        raise MBFError(
+    done = run_recorded(
+        analysis,
+        remaining,
+        recorder,
+        progress=args.progress,
+        timings=timings,
+        loaded=loaded,
+        previous_timings=None if record is None else record.get("timings_s"),
+        write_record=lambda status: _record(folder, settings, args, status, timings, data_folder),
+        diverged=CosineDivergedError,
+        refuse_diverged=lambda err: MBFError(
             f"{err} The iterations before it are in {out / CSV_NAME}; start a new run with "
             "another --out."
-        ) from err
-    except KeyboardInterrupt as err:
-        status = "interrupted"
-        whole, stop = isinstance(err, StopRequested), err
-        raise SystemExit(exit_code(err)) from None
-    except BaseException:
-        status = "failed"
-        raise
-    finally:
-        done = time.perf_counter()
-        previous = None if record is None else record.get("timings_s")
-        ran = analysis.iteration - first_iteration
-        timings.update(iteration_timings(previous, done - loaded, ran))
-        recorder.finish(
-            status,
-            whole,
-            lambda: _record(folder, settings, args, status, timings, data_folder),
-            stop,
-        )
+        ),
+    )
     frame = pd.read_csv(out / CSV_NAME)
     collapsed = collapse_iteration(frame)
     full = config.reference == "full"
@@ -449,7 +435,7 @@ def run(args: argparse.Namespace) -> None:
         if len(before):
             for value in values:
                 _print_table(median_table(before, value))
-    _record(folder, settings, args, status, timings, data_folder, collapse_iteration=collapsed)
+    _record(folder, settings, args, "complete", timings, data_folder, collapse_iteration=collapsed)
     print(
         f"{per_iteration_text(timings)}; wrote {out / CSV_NAME}, "
         f"{out / STATE_NAME}, {folder.record_path}, {', '.join(p.name for p in written)}"

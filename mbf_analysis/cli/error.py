@@ -56,16 +56,15 @@ from mbf_analysis.cli.common import (
 from mbf_analysis.cli.recording import (
     Recorder,
     add_recording_options,
-    iteration_timings,
     load_state,
     per_iteration_text,
     recorded_rows,
     resumed_settings,
+    run_recorded,
     state_outputs,
 )
 from mbf_analysis.cli.run_folder import RunFolder
 from mbf_analysis.fisher_kinds import OLD_SPELLINGS
-from mbf_analysis.stopping import StopRequested, exit_code
 
 CSV_NAME = "error.csv"
 STATE_NAME = "error_state.pt"
@@ -410,7 +409,6 @@ def run(args: argparse.Namespace) -> None:
     if record is None:
         recorder.save()
     remaining = max(config.iterations - analysis.iteration, 0)
-    first_iteration = analysis.iteration
     loaded = time.perf_counter()
     timings: dict[str, float] = {"load": loaded - start}
     _record(folder, settings, args, "running", timings, data_folder)
@@ -420,33 +418,21 @@ def run(args: argparse.Namespace) -> None:
         f"{remaining} iterations of batch {config.batch_size}, every {config.every}, "
         f"{config.fisher} Fisher, methods {','.join(config.methods)} → {out}"
     )
-    status, whole, stop = "complete", True, None
-    try:
-        analysis.run(remaining, on_record=recorder, progress=args.progress)
-    except NonFiniteError as err:
-        status = "diverged"
-        raise UsageError(
+    done = run_recorded(
+        analysis,
+        remaining,
+        recorder,
+        progress=args.progress,
+        timings=timings,
+        loaded=loaded,
+        previous_timings=None if record is None else record.get("timings_s"),
+        write_record=lambda status: _record(folder, settings, args, status, timings, data_folder),
+        diverged=NonFiniteError,
+        refuse_diverged=lambda err: UsageError(
             f"{err} The records before it are in {out / CSV_NAME}; lower --lr and start a new "
             "run with another --out."
-        ) from err
-    except KeyboardInterrupt as err:
-        status = "interrupted"
-        whole, stop = isinstance(err, StopRequested), err
-        raise SystemExit(exit_code(err)) from None
-    except BaseException:
-        status = "failed"
-        raise
-    finally:
-        done = time.perf_counter()
-        previous = None if record is None else record.get("timings_s")
-        ran = analysis.iteration - first_iteration
-        timings.update(iteration_timings(previous, done - loaded, ran))
-        recorder.finish(
-            status,
-            whole,
-            lambda: _record(folder, settings, args, status, timings, data_folder),
-            stop,
-        )
+        ),
+    )
     frame = pd.read_csv(out / CSV_NAME)
     shown = {"error": "‖F − F̂‖/‖F‖", "scaled": "min_α ‖F − αF̂‖/‖F‖"}[args.metric]
     title = (
@@ -459,7 +445,7 @@ def run(args: argparse.Namespace) -> None:
     png, pdf = save_figure(fig, out / FIGURE_NAME)
     folder.add_files(png, pdf)
     timings["plot"] = time.perf_counter() - done
-    _record(folder, settings, args, status, timings, data_folder)
+    _record(folder, settings, args, "complete", timings, data_folder)
     losses = frame.groupby("iteration")["loss"].first()
     print(
         f"median relative error ‖F − F̂‖_F/‖F‖_F, scale-free scaled_error "

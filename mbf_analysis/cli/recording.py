@@ -364,3 +364,52 @@ class Recorder:
             else:
                 where = f"aborted; {self._kept_state()}"
             print(stop_line(stop, f"{where}; continue with: {self.resume_command}"))
+
+
+def run_recorded(
+    analysis: Any,
+    remaining: int,
+    recorder: Recorder,
+    *,
+    progress: bool,
+    timings: dict[str, float],
+    loaded: float,
+    previous_timings: Mapping[str, Any] | None,
+    write_record: Callable[[str], None],
+    diverged: type[BaseException],
+    refuse_diverged: Callable[[BaseException], BaseException],
+) -> float:
+    """Run ``remaining`` iterations of a resumable analysis (``CosineRun``, ``ApproximationRun``)
+    into its recorder, the skeleton that ``cosine`` and ``error`` share.
+
+    The run ends ``complete``, ``diverged`` (``diverged`` raised: ``refuse_diverged(err)`` is
+    raised in its place), ``interrupted`` (Ctrl-C or SIGTERM: exit ``128 + signal`` after the
+    one-line stop message) or ``failed``; in every case the iteration timings are updated and
+    :meth:`Recorder.finish` saves what was computed and writes the record with that status
+    (``write_record(status)``).
+
+    Returns:
+        The ``time.perf_counter()`` at which the iterations ended (the run is ``complete``).
+    """
+    from mbf_analysis.stopping import StopRequested, exit_code
+
+    status, whole, stop = "complete", True, None
+    first = analysis.iteration
+    try:
+        analysis.run(remaining, on_record=recorder, progress=progress)
+    except diverged as err:
+        status = "diverged"
+        raise refuse_diverged(err) from err
+    except KeyboardInterrupt as err:
+        status = "interrupted"
+        whole, stop = isinstance(err, StopRequested), err
+        raise SystemExit(exit_code(err)) from None
+    except BaseException:
+        status = "failed"
+        raise
+    finally:
+        done = time.perf_counter()
+        ran = analysis.iteration - first
+        timings.update(iteration_timings(previous_timings, done - loaded, ran))
+        recorder.finish(status, whole, lambda: write_record(status), stop)
+    return done
