@@ -70,6 +70,9 @@ def test_two_processes_follow_the_one_process_run_with_one_writer(tmp_path):
     assert two.stdout.count("mlp-digits, seed 0:") == 1  # only rank 0 prints
     record = json.loads((tmp_path / "two" / "run.json").read_text())
     assert record["status"] == "complete"
+    assert record["processes"]["world_size"] == 2 and record["processes"]["backend"] == "gloo"
+    assert "rank 0" in record["processes"]["writes_and_evaluates"]
+    assert json.loads((tmp_path / "one" / "run.json").read_text())["processes"] == {"world_size": 1}
 
 
 def test_a_resume_continues_bit_for_bit_with_the_same_number_of_processes(tmp_path):

@@ -508,6 +508,7 @@ def _run(args: argparse.Namespace, world: Any, started_device: Any) -> None:
                         "parsed": config_of(args),
                     },
                     "timings_s": timings,
+                    "processes": _processes(world, device),
                     **extra,
                 }
             )
@@ -602,6 +603,19 @@ def _claim(args: argparse.Namespace, world: Any) -> tuple[Any, Any, dict[str, An
     data_dir = args.data_dir or (record or {}).get("data_folder")
     data_folder = require_data(dataset_name, data_dir, args.download)
     return folder, record, settings, None if data_folder is None else str(data_folder)
+
+
+def _processes(world: Any, device: Any) -> dict[str, Any]:
+    """How many processes trained, and who did what (``run.json``)."""
+    if world is None:
+        return {"world_size": 1}
+    return {
+        "world_size": world.size,
+        "backend": "nccl" if str(device).startswith("cuda") else "gloo",
+        "batches": "each process trains its contiguous slice of every global batch",
+        "writes_and_evaluates": "rank 0 (its evaluations are sent to the others)",
+        "time_budget_clock": "rank 0's",
+    }
 
 
 def _share(world: Any, value: Any) -> Any:
