@@ -75,7 +75,10 @@ def test_resuming_a_run_recorded_with_the_old_word_continues_under_the_new_one(t
     torch.save(state, out / "error_state.pt")
     csv = out / "error.csv"
     csv.write_text(csv.read_text().replace(",mc,", ",true,"))
-    assert main(["error", "--resume", "--out", str(out), "--iterations", "5"]) == 0
+    # the new word on the command line agrees with the old one in the record
+    assert (
+        main(["error", "--resume", "--out", str(out), "--iterations", "5", "--fisher", "mc"]) == 0
+    )
     assert "changed settings" not in capsys.readouterr().err
     rows = pd.read_csv(csv)
     assert set(rows.fisher) == {"mc"} and sorted(rows.iteration.unique()) == [0, 2, 4]

@@ -533,3 +533,21 @@ def test_ddp_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
             assert torch.equal(a, b), name
         for a, b in zip(ranks[0][name], model.parameters(), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_a_state_saved_with_the_old_fisher_word_loads():
+    """Checkpoints written before the Fisher kinds were renamed hold ``fisher="true"``."""
+    model = _mlp()
+    x, y = _batches((4,), 1)[0]
+    opt = MethodOptimizer(model, "kpsvd", loss_fn=CE, lr=0.1, fisher="mc", **_config("kpsvd"))
+    opt.zero_grad()
+    CE(model(x), y).backward()
+    opt.step(inputs=x, targets=y)
+    old = opt.state_dict()
+    old["method_config"] = {**old["method_config"], "fisher": "true"}
+    again = MethodOptimizer(model, "kpsvd", loss_fn=CE, lr=0.1, fisher="mc", **_config("kpsvd"))
+    again.load_state_dict(old)
+    assert again.method.config.fisher == "mc"
+    other = MethodOptimizer(model, "kpsvd", loss_fn=CE, lr=0.1, fisher="exact", **_config("kpsvd"))
+    with pytest.raises(ValueError, match="fisher: saved 'mc', now 'exact'"):
+        other.load_state_dict(old)

@@ -348,8 +348,11 @@ def run(args: argparse.Namespace) -> None:
     folder = RunFolder(out, "error", OUTPUTS, resumable=True)
     record = folder.claim(resume=args.resume, overwrite=args.overwrite)
     if record is not None:
+        saved = dict(record.get("settings") or {})
+        if saved.get("fisher") in OLD_SPELLINGS:  # recorded before the kinds were renamed
+            saved["fisher"] = OLD_SPELLINGS[saved["fisher"]]
+            record = {**record, "settings": saved}
         settings = resumed_settings(record, folder, STATE_NAME, _given(args))
-        settings["fisher"] = OLD_SPELLINGS.get(settings["fisher"], settings["fisher"])
         data_dir = args.data_dir or record.get("data_folder")
     else:
         settings, data_dir = given, args.data_dir

@@ -420,14 +420,36 @@ def run(args: argparse.Namespace) -> None:
     if world is None:
         _run(args, None, None)
         return
+    from mbf_analysis.cli.common import parse_device
+    from mbf_analysis.errors import MBFError
     from mbf_analysis.training import distributed
 
-    device = distributed.start(world, args.device or "cpu")
+    device = distributed.start(world, parse_device(_device_name(args)))
     try:
         _run(args, world, device)
+    except (UsageError, MBFError, SystemExit):
+        # Refusals, a stop at an agreed step, "every run diverged": every process leaves here
+        # together, so they close together too (a barrier, bounded by the collective timeout).
+        distributed.finish(world)
+        raise
+    else:
         distributed.finish(world)
     finally:
         distributed.stop()
+
+
+def _device_name(args: argparse.Namespace) -> str:
+    """The device of a torchrun job, known before the process group exists: ``--device``, else
+    the saved one of the run ``--resume`` continues, else ``cpu``."""
+    if args.device is not None or not args.resume or args.out is None:
+        return args.device or "cpu"
+    import json
+
+    try:
+        saved = json.loads((Path(args.out) / "run.json").read_text())["settings"]["device"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "cpu"  # rank 0 will say what is wrong with the folder
+    return saved or "cpu"
 
 
 def _run(args: argparse.Namespace, world: Any, started_device: Any) -> None:
@@ -571,7 +593,10 @@ def torchrun_world() -> Any:
     imported only in a world."""
     import os
 
-    if int(os.environ.get("WORLD_SIZE", "1") or "1") <= 1:
+    text = os.environ.get("WORLD_SIZE", "1") or "1"
+    if not text.strip().isdigit():
+        raise UsageError(f"WORLD_SIZE={text!r} is not a number of processes")
+    if int(text) <= 1:
         return None
     from mbf_analysis.training.distributed import world_from_env
 

@@ -163,6 +163,7 @@ class NGD(Method):
             return
         beta = self.config.decay
         rows = self.rows(stats) * math.sqrt(1 - beta)
+        new_rows = rows.shape[0]
         curvature = self.state.setdefault(_ALL, {})
         if "F" in curvature:
             curvature["F"].mul_(beta).addmm_(rows.T, rows)
@@ -170,7 +171,7 @@ class NGD(Method):
         old = curvature.get("U")
         if old is not None and beta > 0:
             rows = torch.cat([old * math.sqrt(beta), rows])
-        if self._dense(rows.shape[0], rows.shape[1], stats.batch_size):
+        if self._dense(rows.shape[0], rows.shape[1], new_rows):
             self._check_dense(rows)
             self.state[_ALL] = {"F": rows.T @ rows}
         else:

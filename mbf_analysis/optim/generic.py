@@ -99,6 +99,7 @@ from mbf_analysis import methods as registry
 from mbf_analysis.curvature.collect import GRAD, Stats, collect
 from mbf_analysis.curvature.losses import likelihood_of
 from mbf_analysis.errors import ConfigError, NonFiniteError, UnknownNameError
+from mbf_analysis.fisher_kinds import OLD_SPELLINGS
 from mbf_analysis.methods import Method
 from mbf_analysis.optim.common import (
     PlacedLayer,
@@ -532,12 +533,16 @@ class MethodOptimizer(PlacedOptimizer):
                 f"optimizer drives {self.method.name!r}."
             )
         config = dataclasses.asdict(self.method.config)
+        saved_config = {  # a state saved before the Fisher kinds were renamed ("true")
+            key: OLD_SPELLINGS.get(value, value) if key in ("fisher", "statistic") else value
+            for key, value in state_dict["method_config"].items()
+        }
         differ = {
             key: (value, config.get(key))
-            for key, value in state_dict["method_config"].items()
+            for key, value in saved_config.items()
             if config.get(key) != value
         }
-        if differ or set(config) != set(state_dict["method_config"]):
+        if differ or set(config) != set(saved_config):
             listing = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differ.items())
             raise ConfigError(
                 f"{self.OWNER}: method {self.method.name!r} was configured differently when the "

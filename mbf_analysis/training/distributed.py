@@ -25,6 +25,7 @@ What is shared (see :mod:`mbf_analysis.training.loop` for how a run uses it):
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -33,13 +34,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mbf_analysis.errors import ConfigError
+from mbf_analysis.errors import ConfigError, MBFError
 
 __all__ = [
     "World",
     "world_from_env",
     "current_world",
     "share",
+    "on_main",
     "finish",
     "start",
     "stop",
@@ -116,7 +118,11 @@ def start(world: World, device: str | torch.device) -> torch.device:
         ConfigError: CUDA asked for but this node has fewer devices than the local rank needs.
     """
     device = torch.device(device)
-    timeout = timedelta(seconds=float(os.environ.get("MBF_DIST_TIMEOUT", _DEFAULT_TIMEOUT_S)))
+    text = os.environ.get("MBF_DIST_TIMEOUT", str(_DEFAULT_TIMEOUT_S))
+    try:
+        timeout = timedelta(seconds=float(text))
+    except ValueError as err:
+        raise ConfigError(f"MBF_DIST_TIMEOUT={text!r} is not a number of seconds") from err
     if device.type == "cuda":
         if torch.cuda.device_count() <= world.local_rank:
             raise ConfigError(
@@ -133,6 +139,29 @@ def start(world: World, device: str | torch.device) -> torch.device:
         options = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend, timeout=timeout, **options)
     return device
+
+
+def on_main(work: Callable[[], Any], world: World | None) -> Any:
+    """``work()`` on rank 0 (every process without a world), its result on every process.
+
+    A refusal on rank 0 (an ``MBFError``, an ``OSError`` or a ``ValueError`` of a file) is raised
+    there and, as a :class:`~mbf_analysis.errors.ConfigError` that quotes it, on every other
+    process, so that none waits in a collective for a rank that has stopped.
+    """
+    if world is None:
+        return work()
+    outcome, error = None, None
+    if world.main:
+        try:
+            outcome = ("ok", work())
+        except (MBFError, OSError, ValueError) as err:
+            error, outcome = err, ("error", f"{type(err).__name__}: {err}")
+    outcome = broadcast_object(outcome, world)
+    if outcome[0] == "ok":
+        return outcome[1]
+    if error is not None:
+        raise error
+    raise ConfigError(f"rank 0 stopped the run: {outcome[1]}")
 
 
 def finish(world: World | None) -> None:

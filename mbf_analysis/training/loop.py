@@ -826,26 +826,29 @@ def train(
         # Under torchrun only rank 0 reads and writes the CSV; the others get what they need.
         if saved is not None:
             run.restore(saved)
-            previous = None
-            if run.main:
-                previous = read_log(csv_path)
-                previous = previous[previous.run == run.run]
-            previous = distributed.share(previous, run.world)
+
+            def rows_of_run() -> pd.DataFrame:
+                log = read_log(csv_path)
+                return log[log.run == run.run]
+
+            previous = distributed.on_main(rows_of_run, run.world)
             if saved["status"] == "diverged" or (saved["status"] is not None and run.finished()):
                 logger.info("%s: finished (%s), kept as it is", run.run, saved["status"])
                 return previous.reset_index(drop=True)
             kept = int(saved["position"]["log_rows"])
-            if run.main:
-                keep_rows(csv_path, run.run, kept)
+            distributed.on_main(lambda: keep_rows(csv_path, run.run, kept), run.world)
             run.rows = previous.iloc[:kept].to_dict("records")
         elif csv_path is not None:
-            clash = False
-            if run.main and Path(csv_path).is_file():
+
+            def clash() -> bool:
+                if not Path(csv_path).is_file():
+                    return False
                 if resume:
                     keep_rows(csv_path, run.run, 0)
-                else:
-                    clash = bool((read_log(csv_path).run == run.run).any())
-            if distributed.share(clash, run.world):
+                    return False
+                return bool((read_log(csv_path).run == run.run).any())
+
+            if distributed.on_main(clash, run.world):
                 raise ConfigError(
                     f"{csv_path} already holds rows of run {run.run!r}; resume it "
                     "(resume=True with its checkpoint_dir) or log to another file"
