@@ -98,3 +98,19 @@ def test_train_keeps_it_on_resume_and_refuses_it_off_the_autoencoders(tmp_path, 
         == 2
     )
     assert "applies to the autoencoders" in capsys.readouterr().err
+
+
+def test_the_kpsvd_paper_preset_is_one_flag_and_says_where_each_value_comes_from(tmp_path, capsys):
+    out = tmp_path / "paper"
+    argv = ["error", "--preset", "kpsvd-paper", "--iterations", "1", "--methods", "kfac"]
+    argv += ["--fisher-batch-size", "16", "--data-dir", str(SHARED_DATA), "--no-progress"]
+    assert main([*argv, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "--preset kpsvd-paper:" in printed
+    assert "code_activation = 'relu' (the paper's public code puts a ReLU" in printed
+    assert "iterations = 1 (given; the preset's 2500" in printed
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert settings["preset"] == "kpsvd-paper" and settings["code_activation"] == "relu"
+    assert settings["layers"] == ["fc5"] and settings["batch_size"] == 512
+    assert main(["error", "--preset", "kpsvd-paper", "--problem", "mnist-ae"]) == 2
+    assert "--preset kpsvd-paper sets the problem" in capsys.readouterr().err

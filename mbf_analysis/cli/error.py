@@ -90,6 +90,7 @@ MLP_PROBLEMS = ("mlp-digits", "mnist-ae", "curves-ae", "faces-ae")
 """The training problems whose networks are Linear layers only (the methods' domain)."""
 
 DEFAULTS: dict[str, Any] = {
+    "preset": None,
     "problem": None,
     "code_activation": None,
     "dataset": "digits",
@@ -116,6 +117,26 @@ PROBLEM_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 """``--problem``: the paper's setting for the autoencoders (batch 512, one-sample MC Fisher,
 Adam at lr 1e-3, float32 training); explicit options override it."""
+
+PAPER_PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
+    "kpsvd-paper": {
+        "problem": ("mnist-ae", "the paper's MNIST autoencoder (784-1000-500-250-30-...-784)"),
+        "code_activation": (
+            "relu",
+            "the paper's public code puts a ReLU after the code layer (apps/mlp_cnn/models.py; "
+            "METHODS.md §6.6)",
+        ),
+        "layers": (["fc5"], "the layer of the paper's error figure (30 → 250)"),
+        "iterations": (2500, "the length of the paper's figure"),
+        "every": (10, "ours: 250 records along the run"),
+        "batch_size": (512, "the paper's autoencoder batch (as --problem mnist-ae)"),
+        "fisher": ("mc", "the paper's Fisher: one label sampled from the model per input"),
+        "trajectory": ("adam", "the paper's trajectory: Adam"),
+        "lr": (1e-3, "the paper's Adam learning rate"),
+        "dtype": ("float32", "ours: float32 training, as --problem mnist-ae"),
+    },
+}
+"""``--preset``: a paper's setting in one flag, each value with where it comes from (printed)."""
 
 SETTINGS = tuple(DEFAULTS)
 
@@ -147,6 +168,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(batch 512, one-sample MC Fisher)",
     )
     add_code_activation(parser)
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PAPER_PRESETS),
+        default=None,
+        help="a paper's setting in one flag; kpsvd-paper: the Kronecker-SVD paper's figure "
+        "(mnist-ae with a ReLU after the code layer, fc5, Adam 1e-3, 2500 iterations, batch "
+        "512, MC Fisher); explicit options override it; the run prints where each value "
+        "comes from",
+    )
     parser.add_argument("--dataset", choices=DATASETS, default=None, help="data set (digits)")
     parser.add_argument(
         "--model", choices=MODELS, default=None, help="network (default: the data set's)"
@@ -220,12 +250,26 @@ def _given(args: argparse.Namespace) -> dict[str, Any]:
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     """Defaults, then the problem's, then the explicit options."""
     settings = dict(DEFAULTS)
+    if args.preset is not None:
+        if args.problem is not None or args.dataset is not None or args.model is not None:
+            raise UsageError(
+                f"--preset {args.preset} sets the problem; drop --problem/--dataset/--model"
+            )
+        settings.update({key: value for key, (value, _) in PAPER_PRESETS[args.preset].items()})
+        settings["dataset"] = PROBLEM_DATA[settings["problem"]]
+        settings.update(_given(args))
+        return _checked(settings)
     if args.problem is not None:
         if args.dataset is not None or args.model is not None:
             raise UsageError("--problem sets the data and the network; drop --dataset/--model")
         settings.update(PROBLEM_DEFAULTS[args.problem])
         settings["dataset"] = PROBLEM_DATA[args.problem]
     settings.update(_given(args))
+    return _checked(settings)
+
+
+def _checked(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings, refused in one line when they do not fit together."""
     unknown = [m for m in settings["methods"] if m not in APPROXIMATED]
     if unknown or not settings["methods"]:
         raise UsageError(
@@ -306,6 +350,19 @@ def _record(folder: RunFolder, settings, args, status: str, timings, data_folder
     )
 
 
+def _print_preset_sources(settings: dict[str, Any], given: dict[str, Any]) -> None:
+    """Say where each value of a ``--preset`` run comes from."""
+    preset = settings.get("preset")
+    if preset is None:
+        return
+    print(f"--preset {preset}:")
+    for key, (value, source) in PAPER_PRESETS[preset].items():
+        if key in given and given[key] != value:
+            print(f"  {key} = {given[key]!r} (given; the preset's {value!r}: {source})")
+        else:
+            print(f"  {key} = {value!r} ({source})")
+
+
 def _label(settings: dict[str, Any]) -> str | None:
     """``mnist-ae``, ``mnist-ae (relu code)``, or ``None`` without ``--problem``."""
     activation = settings.get("code_activation")
@@ -356,6 +413,7 @@ def run(args: argparse.Namespace) -> None:
         data_dir = args.data_dir or record.get("data_folder")
     else:
         settings, data_dir = given, args.data_dir
+        _print_preset_sources(settings, _given(args))
     data_folder = require_data(settings["dataset"], data_dir, args.download)
     data_folder = None if data_folder is None else str(data_folder)
 
