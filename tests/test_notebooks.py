@@ -17,19 +17,14 @@ import pytest
 import torch
 from nbclient import NotebookClient
 
+from mbf_analysis.cli.choices import COARSE_SPACES
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 NEW = ["approximation_errors", "two_level", "training"]
 NAMES = ["heatmaps", "cosine", *NEW]
 METHODS = ["mbf", "mbf-true", "kfac", "shampoo", "adam", "sgdm"]
-COARSE = [
-    "nicolaides",
-    "residual",
-    "spectral",
-    "krylov-nicolaides",
-    "krylov-residual",
-    "tselepidis",
-]
+COARSE = list(COARSE_SPACES)
 
 
 def _read(name: str) -> nbformat.NotebookNode:

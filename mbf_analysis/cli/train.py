@@ -660,19 +660,21 @@ def _train_slices(problem, settings, common, compare, grid_search) -> None:
             for optimizer in settings["optimizer"]:
                 grid_search(problem, optimizer, **_grid_axes(settings), **common)
         else:
-            compare(
-                problem,
-                settings["optimizer"],
-                seeds=settings["seed"],
-                lr=settings.get("lr"),
-                damping=settings.get("damping"),
-                weight_decay=settings.get("weight_decay"),
-                **common,
-            )
+            compare(problem, settings["optimizer"], **_compare_options(settings), **common)
     except KeyboardInterrupt as err:
         from mbf_analysis.stopping import exit_code
 
         raise SystemExit(exit_code(err)) from None
+
+
+def _compare_options(settings: dict[str, Any]) -> dict[str, Any]:
+    """``compare``'s seeds and the overrides of every optimizer's preset."""
+    return {
+        "seeds": settings["seed"],
+        "lr": settings.get("lr"),
+        "damping": settings.get("damping"),
+        "weight_decay": settings.get("weight_decay"),
+    }
 
 
 def _grid_axes(settings: dict[str, Any]) -> dict[str, Any]:
@@ -723,15 +725,7 @@ def _compare(problem, settings, common, folder, compare, summarize, timings, loa
     from mbf_analysis.plotting import plot_training_curves, save_figure
     from mbf_analysis.training import summarize_seeds
 
-    log = compare(
-        problem,
-        settings["optimizer"],
-        seeds=settings["seed"],
-        lr=settings.get("lr"),
-        damping=settings.get("damping"),
-        weight_decay=settings.get("weight_decay"),
-        **common,
-    )
+    log = compare(problem, settings["optimizer"], **_compare_options(settings), **common)
     timings["train"] = time.perf_counter() - loaded
     summary = summarize(log)
     seeds = ", ".join(str(s) for s in settings["seed"])
