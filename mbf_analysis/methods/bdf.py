@@ -49,7 +49,28 @@ from mbf_analysis.errors import ConfigError
 from mbf_analysis.linalg import damped_solve, woodbury_damped_solve
 from mbf_analysis.methods.base import Method, MethodConfig, check_choice, check_range
 
-__all__ = ["BDFConfig", "BDF"]
+__all__ = ["BDFConfig", "BDF", "dense_is_cheaper", "check_memory_budget"]
+
+
+def dense_is_cheaper(solver: str, rows: int, dim: int, new_rows: int) -> bool:
+    """Whether ``rows`` stacked rows of length ``dim`` (``new_rows`` added per update) are
+    cheaper as a dense ``[dim, dim]`` matrix (``solver="auto"``, module docstring), or whether
+    ``solver`` forces the dense form."""
+    if solver == "auto":
+        return rows**2 * dim + rows**3 / 6 >= new_rows * dim**2 + dim**3 / 6
+    return solver == "dense"
+
+
+def check_memory_budget(config: object) -> None:
+    """Raise ``ConfigError`` unless ``config.memory_budget`` is ``None`` or a positive int."""
+    budget = config.memory_budget
+    if budget is not None and (
+        isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0
+    ):
+        raise ConfigError(
+            f"{type(config).__name__}.memory_budget must be a positive number of bytes, got "
+            f"{budget!r}."
+        )
 
 
 @dataclass(kw_only=True)
@@ -75,15 +96,7 @@ class BDFConfig(MethodConfig):
         check_range(self, "damping", low=0.0, low_open=True)
         check_range(self, "decay", low=0.0, high=1.0, high_open=True)
         check_choice(self, "solver", ("auto", "dense", "woodbury"))
-        if self.memory_budget is not None and (
-            isinstance(self.memory_budget, bool)
-            or not isinstance(self.memory_budget, int)
-            or self.memory_budget <= 0
-        ):
-            raise ConfigError(
-                f"BDFConfig.memory_budget must be a positive number of bytes, got "
-                f"{self.memory_budget!r}."
-            )
+        check_memory_budget(self)
 
 
 class BDF(Method):
@@ -125,9 +138,7 @@ class BDF(Method):
 
     def _dense(self, rows: int, dim: int, new_rows: int) -> bool:
         """Whether a layer with ``rows`` stacked rows of length ``dim`` is cheaper dense."""
-        if self.config.solver == "auto":
-            return rows**2 * dim + rows**3 / 6 >= new_rows * dim**2 + dim**3 / 6
-        return self.config.solver == "dense"
+        return dense_is_cheaper(self.config.solver, rows, dim, new_rows)
 
     def _check_budget(self, per_sample: dict[str, Tensor]) -> None:
         """Refuse, before any allocation, dense blocks that would exceed the budget."""

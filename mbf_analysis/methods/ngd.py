@@ -21,7 +21,8 @@ Kronecker factors (:class:`~mbf_analysis.curvature.kfac.KronSamples`), which exi
 ``F = UᵀU`` is kept as the stacked, scaled rows ``U [R, D]`` while that is cheaper, and solved
 through the Woodbury identity (:func:`~mbf_analysis.linalg.woodbury_damped_solve`,
 ``O(R² D + R³)``, no ``D × D`` matrix); the dense ``[D, D]`` form is used, after the memory check,
-once it is cheaper (the rule of :class:`~mbf_analysis.methods.bdf.BDF`; ``solver`` forces one).
+once it is cheaper (:func:`~mbf_analysis.methods.bdf.dense_is_cheaper`, BDF's rule; ``solver``
+forces one).
 With ``decay = 0`` (the default) ``F`` is the current minibatch's Fisher: ``d`` is the exact
 damped natural gradient of the batch, the reference ``ζ* = F_λ⁻¹∇`` of
 ``cosine --reference full``; BDF is its block-diagonal version.
@@ -44,7 +45,7 @@ from mbf_analysis.curvature.collect import (
     Stats,
 )
 from mbf_analysis.curvature.memory import check_dense, resolve_budget
-from mbf_analysis.errors import ConfigError, UnsupportedModuleError
+from mbf_analysis.errors import UnsupportedModuleError
 from mbf_analysis.fisher_kinds import check_fisher_kind
 from mbf_analysis.linalg import damped_solve, woodbury_damped_solve
 from mbf_analysis.methods.base import (
@@ -54,6 +55,7 @@ from mbf_analysis.methods.base import (
     check_period,
     check_range,
 )
+from mbf_analysis.methods.bdf import check_memory_budget, dense_is_cheaper
 
 __all__ = ["NGDConfig", "NGD"]
 
@@ -96,15 +98,7 @@ class NGDConfig(MethodConfig):
         check_fisher_kind(self.fisher, "NGDConfig.fisher")
         check_choice(self, "solver", ("auto", "dense", "woodbury"))
         check_period(self, "stat_period")
-        if self.memory_budget is not None and (
-            isinstance(self.memory_budget, bool)
-            or not isinstance(self.memory_budget, int)
-            or self.memory_budget <= 0
-        ):
-            raise ConfigError(
-                f"NGDConfig.memory_budget must be a positive number of bytes, got "
-                f"{self.memory_budget!r}."
-            )
+        check_memory_budget(self)
 
 
 class NGD(Method):
@@ -171,16 +165,11 @@ class NGD(Method):
         old = curvature.get("U")
         if old is not None and beta > 0:
             rows = torch.cat([old * math.sqrt(beta), rows])
-        if self._dense(rows.shape[0], rows.shape[1], new_rows):
+        if dense_is_cheaper(self.config.solver, rows.shape[0], rows.shape[1], new_rows):
             self._check_dense(rows)
             self.state[_ALL] = {"F": rows.T @ rows}
         else:
             curvature["U"] = rows
-
-    def _dense(self, rows: int, dim: int, new_rows: int) -> bool:
-        if self.config.solver == "auto":
-            return rows**2 * dim + rows**3 / 6 >= new_rows * dim**2 + dim**3 / 6
-        return self.config.solver == "dense"
 
     def _check_dense(self, rows: Tensor) -> None:
         budget = resolve_budget(self.config.memory_budget, rows.device)

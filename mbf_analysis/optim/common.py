@@ -408,8 +408,9 @@ def global_head(
     return gather_batch(inputs[:keep], device), gather_batch(targets[:keep], device)
 
 
-def _collective_device(tensor: Tensor) -> torch.device:
-    return tensor.device if dist.get_backend() == "nccl" else torch.device("cpu")
+def collective_device(device: torch.device) -> torch.device:
+    """Where the tensors of a collective live: ``device`` under nccl, the CPU under gloo."""
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def sampled_label_loss(
@@ -441,7 +442,7 @@ def sampled_label_loss(
     """
     likelihood = likelihood_of(loss_fn)
     if distributed():
-        device = _collective_device(outputs)
+        device = collective_device(outputs.device)
         counts = batch_sizes(len(outputs), device)
         everything = gather_batch(outputs.detach(), device).to(outputs.device)
         start = sum(counts[: dist.get_rank()])

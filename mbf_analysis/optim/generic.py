@@ -106,6 +106,7 @@ from mbf_analysis.optim.common import (
     PlacedOptimizer,
     check_gradients,
     check_number,
+    collective_device,
     decoupled_update_,
     distributed,
     global_head,
@@ -445,7 +446,7 @@ class MethodOptimizer(PlacedOptimizer):
                 f"samples, got {len(inputs)} and {len(targets)}."
             )
         if distributed():
-            device = self._device if dist.get_backend() == "nccl" else torch.device("cpu")
+            device = collective_device(self._device)
             x, y = global_head(inputs.detach(), targets.detach(), self.fisher_fraction, device)
             self._sync_generator(device)
         else:
